@@ -1,0 +1,5 @@
+"""Allow ``python -m mailtally``."""
+
+from mailtally.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,391 @@
+"""The ``mailtally`` command: ingest, report, top, check-config, run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from datetime import date, datetime, timedelta, tzinfo
+from pathlib import Path
+
+from mailtally import __version__
+from mailtally.config import DEFAULT_PATH, Config, load_config
+from mailtally.correlate import COLUMNS
+from mailtally.errors import MailtallyError, UsageError
+from mailtally.ingest import Ingester, order_files
+from mailtally.report import (
+    as_csv,
+    as_json,
+    as_table,
+    build_report,
+    top_as_csv,
+    top_as_table,
+    top_rows,
+)
+from mailtally.store import open_reader, open_store
+
+log = logging.getLogger(__name__)
+
+EPILOG = """\
+exit status:
+  0  success
+  1  runtime failure (unreadable log, database error)
+  2  usage or configuration error
+
+Each error is one line on stderr; --debug adds the traceback.
+See etc/mailtally.yaml for every configuration key and its default."""
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keep our paragraphs as written and show each option's default."""
+
+
+def _date(text: str) -> str:
+    if text in {"today", "yesterday"} or _is_iso_date(text):
+        return text
+    raise argparse.ArgumentTypeError(f"expected YYYY-MM-DD, today or yesterday, got {text!r}")
+
+
+def _is_iso_date(text: str) -> bool:
+    try:
+        date.fromisoformat(text)
+    except ValueError:
+        return False
+    return len(text) == len("2026-12-03")
+
+
+def _positive(text: str) -> int:
+    if text.isdigit() and int(text) > 0:
+        return int(text)
+    raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mailtally",
+        description="Count what each sender sends through a Postfix relay, per day, from "
+        "the mail log,\nand report it.",
+        epilog=EPILOG,
+        formatter_class=_Formatter,
+    )
+    parser.add_argument("--version", action="version", version=f"mailtally {__version__}")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="log progress (INFO) on stderr"
+    )
+    parser.add_argument(
+        "--debug", action="store_true", help="log everything and show tracebacks on errors"
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_ingest(sub)
+    _add_report(sub)
+    _add_top(sub)
+    _add_check_config(sub)
+    _add_run(sub)
+    return parser
+
+
+def _common(p: argparse.ArgumentParser, db: bool = True) -> None:
+    p.add_argument(
+        "-c",
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help=f"configuration file (default: {DEFAULT_PATH} if it exists)",
+    )
+    if db:
+        p.add_argument(
+            "--db",
+            type=Path,
+            metavar="DB",
+            help="SQLite database, overriding the configuration's 'database'",
+        )
+
+
+def _add_ingest(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "ingest",
+        formatter_class=_Formatter,
+        epilog=EPILOG,
+        help="count log files into the database (backfill; idempotent)",
+        description="""\
+Read Postfix log files and add what they record to the database: per-sender daily
+counters, delivery details and the state of messages still in the queue.
+
+Files may be plain or gzip-compressed (mail.log.2.gz) and are read oldest first by
+modification time, whatever order they are named in. Each file is recognised by its
+first line, so ingesting a file again counts nothing twice, a file that has grown since
+is read from where the last run stopped, and a rotated copy (mail.log -> mail.log.1 ->
+mail.log.2.gz) resumes where the original left off. A last line without its newline is
+left for the next run, except in a compressed file.
+
+Traditional syslog stamps (Dec  3 09:41:40) have no year: it is taken from the file's
+modification time, and stamps later than that belong to the year before.
+
+examples:
+  mailtally ingest /var/log/mail.log.1 /var/log/mail.log
+  mailtally ingest --db /tmp/t.db --host relay2 relay2/mail.log.*.gz""",
+    )
+    _common(p)
+    p.add_argument(
+        "--host",
+        metavar="NAME",
+        help="record NAME as the relay of every line instead of the syslog host",
+    )
+    p.add_argument("files", nargs="+", type=Path, metavar="FILE", help="log files to read")
+
+
+def _add_report(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "report",
+        formatter_class=_Formatter,
+        epilog=EPILOG,
+        help="one sender's per-day summary (and delivery details)",
+        description="""\
+Print one sender's counters for every day from --since to --until (local dates in the
+configured timezone, both included; days without mail show zeros), then a Total row.
+
+columns:
+  sum       auth_blk + auth_rcv + bounced + deferred + expired + sent
+  auth_blk  submissions blocked: SASL login failures, rejects on submission services
+  auth_rcv  messages received with SMTP AUTH
+  bounced   recipients bounced (status=bounced)
+  deferred  delivery attempts deferred (each retry counts)
+  expired   messages returned to the sender after the queue lifetime
+  sent      recipients delivered (status=sent)
+  messages  messages queued from the sender
+
+--details adds one row per delivery attempt and reject: time, sender IP, relay, queue
+id, recipient, status and the remote server's response.
+
+examples:
+  mailtally report --sender alice@example.edu
+  mailtally report --sender alice@example.edu --since 2026-11-01 --details --format json""",
+    )
+    _common(p)
+    p.add_argument(
+        "--sender",
+        required=True,
+        metavar="ADDR",
+        help="envelope sender (or SASL username); case does not matter; <> for the null sender",
+    )
+    p.add_argument(
+        "--since",
+        type=_date,
+        metavar="DATE",
+        help="first day, YYYY-MM-DD (default: 30 days before --until)",
+    )
+    p.add_argument(
+        "--until", type=_date, metavar="DATE", default="today", help="last day, YYYY-MM-DD"
+    )
+    p.add_argument("--details", action="store_true", help="add per-delivery rows")
+    p.add_argument(
+        "--format", choices=("table", "json", "csv"), default="table", help="output format"
+    )
+
+
+def _add_top(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "top",
+        formatter_class=_Formatter,
+        epilog=EPILOG,
+        help="the busiest senders of a day",
+        description="""\
+List the senders with the highest counts on one day (a local date in the configured
+timezone), busiest first.
+
+examples:
+  mailtally top
+  mailtally top --day yesterday --by bounced --limit 50 --format csv""",
+    )
+    _common(p)
+    p.add_argument(
+        "--day",
+        type=_date,
+        default="today",
+        metavar="DATE",
+        help="the day, YYYY-MM-DD, today or yesterday",
+    )
+    p.add_argument("--limit", type=_positive, default=20, metavar="N", help="how many senders")
+    p.add_argument(
+        "--by", choices=("sum", *COLUMNS), default="messages", help="the column to rank by"
+    )
+    p.add_argument(
+        "--format", choices=("table", "json", "csv"), default="table", help="output format"
+    )
+
+
+def _add_check_config(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "check-config",
+        formatter_class=_Formatter,
+        epilog=EPILOG,
+        help="validate a configuration file",
+        description="Validate FILE as mailtally would at start and on reload, and print "
+        "'FILE: ok'.\nAn error names the line and the key.",
+    )
+    p.add_argument("file", type=Path, metavar="FILE", help="configuration file")
+
+
+def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "run",
+        formatter_class=_Formatter,
+        epilog=EPILOG,
+        help="follow the mail log as a daemon (systemd Type=notify)",
+        description="Follow the configured sources and keep the database current.",
+    )
+    _common(p, db=False)
+
+
+def _config(args: argparse.Namespace) -> Config:
+    path = args.config
+    if path is None and DEFAULT_PATH.exists():
+        path = DEFAULT_PATH
+    config = load_config(path)
+    db = getattr(args, "db", None)
+    if db is not None:
+        config = config.model_copy(update={"database": db})
+    return config
+
+
+def _day(text: str, tz: tzinfo) -> date:
+    today = datetime.now(tz).date()
+    if text == "today":
+        return today
+    if text == "yesterday":
+        return today - timedelta(days=1)
+    return date.fromisoformat(text)
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    config = _config(args)
+    files = order_files(args.files)
+    store = open_store(config.database)
+    try:
+        ingester = Ingester(store, config, host=args.host)
+        for path in files:
+            result = ingester.ingest(path)
+            log.info(
+                "file ingested path=%s lines=%d resumed_at=%d",
+                path,
+                result.lines,
+                result.skipped_bytes,
+            )
+        stats = ingester.correlator.stats
+        if stats.unparsed:
+            log.warning(
+                "lines unparsed %s",
+                " ".join(f"{k}={v}" for k, v in sorted(stats.unparsed.items())),
+            )
+        log.info(
+            "ingest done records=%d messages=%d deliveries=%d rejects=%d open=%d "
+            "evicted=%d orphan_deliveries=%d",
+            stats.records,
+            stats.messages,
+            stats.deliveries,
+            stats.rejects,
+            len(ingester.correlator.open),
+            stats.evicted,
+            stats.orphan_deliveries,
+        )
+    finally:
+        store.close()
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    config = _config(args)
+    tz = config.tz()
+    until = _day(args.until, tz)
+    since = _day(args.since, tz) if args.since else until - timedelta(days=30)
+    if since > until:
+        raise UsageError(f"--since {since} is after --until {until}")
+    sender = args.sender.strip()
+    sender = "<>" if sender in {"", "<>"} else sender.strip("<>").lower()
+    store = open_reader(config.database)
+    try:
+        report = build_report(store, sender, since, until, tz, details=args.details)
+    finally:
+        store.close()
+    render = {"json": as_json, "csv": as_csv, "table": as_table}[args.format]
+    sys.stdout.write(render(report) + ("\n" if args.format == "json" else ""))
+    return 0
+
+
+def cmd_top(args: argparse.Namespace) -> int:
+    config = _config(args)
+    day = _day(args.day, config.tz())
+    store = open_reader(config.database)
+    try:
+        rows = top_rows(store, day, args.by, args.limit)
+    finally:
+        store.close()
+    if args.format == "json":
+        sys.stdout.write(
+            json.dumps(
+                {"day": day.isoformat(), "by": args.by, "senders": rows},
+                indent=2,
+                ensure_ascii=False,
+            )
+            + "\n"
+        )
+    elif args.format == "csv":
+        sys.stdout.write(top_as_csv(rows))
+    else:
+        sys.stdout.write(top_as_table(day, args.by, rows))
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    load_config(args.file)
+    print(f"{args.file}: ok")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    raise MailtallyError(
+        "mailtally run: the live daemon is not part of this release yet; use 'mailtally ingest'"
+    )
+
+
+COMMANDS = {
+    "ingest": cmd_ingest,
+    "report": cmd_report,
+    "top": cmd_top,
+    "check-config": cmd_check_config,
+    "run": cmd_run,
+}
+
+
+def setup_logging(verbose: bool, debug: bool) -> None:
+    """Log to stderr; without timestamps under systemd, whose journal adds its own."""
+    under_journal = bool(os.environ.get("JOURNAL_STREAM"))
+    fmt = (
+        "%(levelname)s %(name)s: %(message)s"
+        if under_journal
+        else ("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    )
+    level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, format=fmt, stream=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose, args.debug)
+    try:
+        return COMMANDS[args.command](args)
+    except MailtallyError as exc:
+        if args.debug:
+            log.exception("failed")
+        print(f"mailtally {args.command}: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # The reader went away (| head); not an error of ours.
+        sys.stderr.close()
+        return 0

@@ -1,0 +1,238 @@
+"""Read the YAML configuration into frozen, validated settings.
+
+Errors name the file, the line and the dotted key, e.g.
+``mailtally.yaml:14: correlate.max_open: expected a positive integer, got 'ten'``.
+Unknown keys are errors, so a misspelt key never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from datetime import tzinfo
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from mailtally.correlate import CorrelatorSettings
+from mailtally.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PATH = Path("/etc/mailtally/mailtally.yaml")
+DEFAULT_DATABASE = Path("/var/lib/mailtally/mailtally.db")
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw]?)\Z")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+_DEFAULTS = CorrelatorSettings()
+PositiveInt = Annotated[int, Field(gt=0, strict=True)]
+
+
+def parse_duration(value: object) -> float:
+    """Return seconds for ``90``, ``"30s"``, ``"15m"``, ``"8d"``; raise ValueError otherwise."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 30s, 15m, 8d")
+    if isinstance(value, int | float) and value > 0:
+        return float(value)
+    m = _DURATION.match(str(value).strip())
+    if m is None or float(m.group(1)) <= 0:
+        raise ValueError(f"expected a duration such as 30s, 15m, 8d, got {value!r}")
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+Duration = Annotated[float, Field(gt=0)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CorrelateSection(_Section):
+    """How log lines are joined into messages (``correlate:``)."""
+
+    max_open: PositiveInt = _DEFAULTS.max_open
+    max_age: Duration = _DEFAULTS.max_age
+    reorder_window: Duration = _DEFAULTS.reorder_window
+    auth_services: list[str] = Field(default_factory=lambda: sorted(_DEFAULTS.auth_services))
+    strip_extension: bool = False
+    recipient_delimiter: str = Field(default="+", min_length=1, max_length=1)
+
+    @field_validator("max_age", "reorder_window", mode="before")
+    @classmethod
+    def _duration(cls, value: object) -> float:
+        return parse_duration(value)
+
+
+class IngestSection(_Section):
+    """Batching of commits (``ingest:``)."""
+
+    batch_lines: PositiveInt = 5000
+    syslog_names: list[str] = Field(default_factory=lambda: ["postfix"], min_length=1)
+
+
+class JournalOptions(_Section):
+    directory: Path | None = None
+    start: Literal["now", "oldest"] = "now"
+
+
+class FileSourceConfig(_Section):
+    file: str
+
+
+class JournalSourceConfig(_Section):
+    journal: JournalOptions
+
+
+_DEFAULT_SOURCE: FileSourceConfig | JournalSourceConfig = FileSourceConfig(
+    file="/var/log/mail.log"
+)
+
+
+class Config(_Section):
+    """The whole file; DESIGN.md fixes the top-level keys."""
+
+    timezone: str | None = None
+    database: Path = DEFAULT_DATABASE
+    sources: list[FileSourceConfig | JournalSourceConfig] = Field(
+        default_factory=lambda: [_DEFAULT_SOURCE], min_length=1
+    )
+    identity: Literal["envelope", "sasl"] = "envelope"
+    correlate: CorrelateSection = Field(default_factory=CorrelateSection)
+    ingest: IngestSection = Field(default_factory=IngestSection)
+    details_days: PositiveInt = 35
+    # TODO: these sections are checked key by key once notifications, metrics, policy
+    # and the frontend read them; until then any mapping is accepted.
+    thresholds: dict[str, Any] = Field(default_factory=dict)
+    notify: dict[str, Any] = Field(default_factory=dict)
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    policy: dict[str, Any] = Field(default_factory=dict)
+    frontend: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                ZoneInfo(value)
+            except (ZoneInfoNotFoundError, ValueError) as exc:
+                raise ValueError(f"unknown time zone {value!r}") from exc
+        return value
+
+    def tz(self) -> tzinfo:
+        """Return the configured zone, or the host's."""
+        if self.timezone is not None:
+            return ZoneInfo(self.timezone)
+        return host_zone()
+
+    def correlator_settings(self) -> CorrelatorSettings:
+        c = self.correlate
+        return CorrelatorSettings(
+            identity=self.identity,
+            strip_extension=c.strip_extension,
+            recipient_delimiter=c.recipient_delimiter,
+            auth_services=frozenset(c.auth_services),
+            max_open=c.max_open,
+            max_age=c.max_age,
+            reorder_window=c.reorder_window,
+        )
+
+
+def host_zone() -> tzinfo:
+    """Return the host's zone (TZ, then /etc/localtime), falling back to UTC."""
+    import tzlocal  # only needed when no zone is configured
+
+    try:
+        return tzlocal.get_localzone()
+    except (ZoneInfoNotFoundError, ValueError, LookupError) as exc:
+        log.warning("host time zone unknown, using UTC error=%s", exc)
+        return ZoneInfo("UTC")
+
+
+def load_config(path: Path | None) -> Config:
+    """Load and validate `path`; None means the defaults (no file)."""
+    if path is None:
+        return Config()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read configuration: {exc}") from exc
+    return parse_config(text, path)
+
+
+def parse_config(text: str, path: Path) -> Config:
+    """Validate YAML `text`; errors cite `path`, the line and the dotted key."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f"{mark.line + 1}:" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{path}:{line} invalid YAML: {problem}") from exc
+    lines: dict[tuple[str | int, ...], int] = {}
+    data = _plain(node, (), lines) if node is not None else {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}:1: expected a mapping of settings at the top level")
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_first_error(exc, path, lines)) from exc
+
+
+def _plain(
+    node: yaml.Node, where: tuple[str | int, ...], lines: dict[tuple[str | int, ...], int]
+) -> Any:
+    """Turn a composed YAML node into Python values, noting each key's line."""
+    lines[where] = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        out: dict[Any, Any] = {}
+        for key_node, value_node in node.value:
+            key = yaml.SafeLoader(" ").construct_object(key_node)
+            lines[(*where, str(key))] = key_node.start_mark.line + 1
+            out[key] = _plain(value_node, (*where, str(key)), lines)
+            lines[(*where, str(key))] = key_node.start_mark.line + 1
+        return out
+    if isinstance(node, yaml.SequenceNode):
+        return [_plain(item, (*where, i), lines) for i, item in enumerate(node.value)]
+    return yaml.SafeLoader(" ").construct_object(node)
+
+
+def _first_error(exc: ValidationError, path: Path, lines: dict[tuple[str | int, ...], int]) -> str:
+    err = exc.errors()[0]
+    loc = tuple(p for p in err["loc"] if not _is_union_tag(p))
+    line = 1
+    for cut in range(len(loc), -1, -1):
+        found = lines.get(tuple(str(p) if isinstance(p, str) else p for p in loc[:cut]))
+        if found is not None:
+            line = found
+            break
+    key = ".".join(_key_text(p) for p in loc) or "(top level)"
+    problem = _problem(err)
+    return f"{path}:{line}: {key}: {problem}"
+
+
+def _is_union_tag(part: object) -> bool:
+    # pydantic names the union member it tried ("FileSourceConfig"); users never wrote it.
+    return isinstance(part, str) and part[:1].isupper()
+
+
+def _key_text(part: object) -> str:
+    if isinstance(part, int):
+        return f"[{part}]"
+    text = str(part)
+    return f'"{text}"' if "." in text else text
+
+
+def _problem(err: Any) -> str:
+    kind, got = err["type"], err.get("input")
+    if kind == "extra_forbidden":
+        return "unknown key"
+    if kind == "missing":
+        return "required key missing"
+    if kind in {"greater_than", "int_type", "int_parsing"}:
+        return f"expected a positive integer, got {got!r}"
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    return f"{msg}, got {got!r}" if got is not None and "got" not in msg else msg

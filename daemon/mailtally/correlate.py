@@ -1,0 +1,431 @@
+"""Join the records of each (host, queue id) into per-sender daily counts and details.
+
+The correlator is pure state: records go in through `feed`, and `take` hands out what
+changed since the last call (counter deltas, detail rows, open-message upserts and
+deletions) so the store can commit it with the source position in one transaction.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import date, datetime, time, timedelta, tzinfo
+
+from mailtally.parse import (
+    COUNTED_STATUSES,
+    AuthFailure,
+    Client,
+    Delivery,
+    Expired,
+    Foreign,
+    Notification,
+    Other,
+    Pickup,
+    Queued,
+    Record,
+    Reject,
+    Removed,
+    Unparsed,
+)
+
+log = logging.getLogger(__name__)
+
+# Counter columns, in the order of the delta lists; `sum` is derived, never stored.
+COLUMNS = ("messages", "auth_rcv", "auth_blk", "sent", "bounced", "deferred", "expired")
+MESSAGES, AUTH_RCV, AUTH_BLK = 0, 1, 2
+STATUS_COLUMN = {"sent": 3, "bounced": 4, "deferred": 5, "expired": 6}
+NULL_SENDER = "<>"
+LOCAL_CLIENT = "local"  # sender_ip of mail submitted with sendmail(1) (pickup)
+
+# A detail row: time (epoch s), sender key, sender_ip, relay host, queue id, recipient,
+# status, response.
+DetailRow = tuple[float, str, str, str, str, str, str, str]
+# A delivery seen before its message's sender: (time, recipient, status, response).
+PendingDelivery = tuple[float, str, str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class CorrelatorSettings:
+    """The knobs of correlation; see ``correlate:`` in etc/mailtally.yaml."""
+
+    identity: str = "envelope"  # "envelope" | "sasl"
+    strip_extension: bool = False  # count "alice+lists@x" as "alice@x"
+    recipient_delimiter: str = "+"
+    auth_services: frozenset[str] = frozenset({"submission", "submissions", "smtps"})
+    max_open: int = 200_000  # open messages kept before the oldest is evicted
+    max_age: float = 8 * 86400.0  # seconds of log time; Postfix gives up after 5 days
+    reorder_window: float = 30.0  # seconds a removed message still takes late lines
+
+
+@dataclass(slots=True)
+class OpenMessage:
+    """What is known of one queued message until Postfix removes it."""
+
+    host: str
+    queue_id: str
+    first_ts: float
+    client_name: str = ""
+    client_ip: str = ""
+    sasl_username: str | None = None
+    service: str = ""
+    sender: str | None = None  # the counting key once qmgr logged from=
+    counted: bool = False
+    removed_ts: float | None = None
+    pending: list[PendingDelivery] | None = None
+    persisted: bool = False
+
+
+@dataclass(slots=True)
+class CorrelateStats:
+    """Running totals for metrics and the ingest summary."""
+
+    records: int = 0
+    unparsed: dict[str, int] = field(default_factory=dict)
+    foreign: int = 0
+    messages: int = 0
+    deliveries: int = 0
+    rejects: int = 0
+    auth_failures: int = 0
+    evicted: int = 0
+    orphan_deliveries: int = 0  # deliveries of messages whose sender was never seen
+    unattributed: int = 0  # rejects/auth failures naming no sender
+
+
+@dataclass(slots=True)
+class Batch:
+    """What changed since the last `Correlator.take`, ready for one store transaction."""
+
+    counts: dict[tuple[str, str], list[int]]  # (sender, day) -> deltas in COLUMNS order
+    details: list[DetailRow]
+    upserts: list[OpenMessage]
+    deletes: list[tuple[str, str]]
+    last_ts: float | None
+
+
+class DayOf:
+    """Map epoch seconds to the ISO local date in `tz`, caching the current day's span."""
+
+    def __init__(self, tz: tzinfo) -> None:
+        self.tz = tz
+        self._start = self._end = 0.0
+        self._day = ""
+
+    def __call__(self, ts: float) -> str:
+        if self._start <= ts < self._end:
+            return self._day
+        day = datetime.fromtimestamp(ts, self.tz).date()
+        self._start = datetime.combine(day, time(), self.tz).timestamp()
+        self._end = datetime.combine(day + timedelta(days=1), time(), self.tz).timestamp()
+        self._day = day.isoformat()
+        if not self._start <= ts < self._end:  # a zone whose midnight does not exist
+            self._start = self._end = 0.0
+        return self._day
+
+    def span(self, first: date, last: date) -> tuple[float, float]:
+        """Return [start, end) epoch seconds covering the local days first..last."""
+        start = datetime.combine(first, time(), self.tz).timestamp()
+        end = datetime.combine(last + timedelta(days=1), time(), self.tz).timestamp()
+        return start, end
+
+
+class Correlator:
+    """Turn a stream of records into counter deltas and detail rows."""
+
+    def __init__(self, tz: tzinfo, settings: CorrelatorSettings | None = None) -> None:
+        self.settings = settings or CorrelatorSettings()
+        self.day = DayOf(tz)
+        self.stats = CorrelateStats()
+        self.open: dict[tuple[str, str], OpenMessage] = {}
+        self.closed: dict[tuple[str, str], OpenMessage] = {}
+        self.last_ts: float | None = None
+        self._counts: dict[tuple[str, str], list[int]] = {}
+        self._details: list[DetailRow] = []
+        self._dirty: set[tuple[str, str]] = set()
+        self._gone: set[tuple[str, str]] = set()
+        self._feeds = {
+            Client: self._client,
+            Pickup: self._pickup,
+            Queued: self._queued,
+            Delivery: self._delivery,
+            Expired: self._expired,
+            Removed: self._removed,
+            Reject: self._reject,
+            AuthFailure: self._auth_failure,
+            Notification: self._ignore,
+            Other: self._ignore,
+            Foreign: self._foreign,
+            Unparsed: self._unparsed,
+        }
+
+    def restore(self, messages: Iterable[OpenMessage]) -> None:
+        """Load open messages persisted by an earlier run, oldest first."""
+        for msg in sorted(messages, key=lambda m: m.first_ts):
+            msg.persisted = True
+            key = (msg.host, msg.queue_id)
+            (self.open if msg.removed_ts is None else self.closed)[key] = msg
+
+    def feed(self, rec: Record) -> None:
+        """Account for one record."""
+        self.stats.records += 1
+        self._feeds[type(rec)](rec)  # type: ignore[operator]
+
+    def take(self) -> Batch:
+        """Return and forget everything that changed since the last call."""
+        upserts: list[OpenMessage] = []
+        for key in self._dirty:
+            msg = self.open.get(key) or self.closed.get(key)
+            if msg is not None:
+                upserts.append(msg)
+                msg.persisted = True
+        batch = Batch(self._counts, self._details, upserts, list(self._gone), self.last_ts)
+        self._counts, self._details = {}, []
+        self._dirty, self._gone = set(), set()
+        return batch
+
+    # -- identity ---------------------------------------------------------------
+
+    def normalise(self, address: str) -> str:
+        """Return the counting key of an envelope address or SASL username."""
+        if not address:
+            return NULL_SENDER
+        address = address.lower()
+        if self.settings.strip_extension:
+            local, at, domain = address.rpartition("@")
+            if at and self.settings.recipient_delimiter in local:
+                address = local.split(self.settings.recipient_delimiter, 1)[0] + at + domain
+        return address
+
+    def _key_of(self, msg: OpenMessage, sender: str) -> str:
+        if self.settings.identity == "sasl" and msg.sasl_username:
+            return self.normalise(msg.sasl_username)
+        return self.normalise(sender)
+
+    # -- feeds ------------------------------------------------------------------
+
+    def _bump(self, sender: str, ts: float, column: int) -> None:
+        key = (sender, self.day(ts))
+        row = self._counts.get(key)
+        if row is None:
+            row = self._counts[key] = [0, 0, 0, 0, 0, 0, 0]
+        row[column] += 1
+
+    def _tick(self, ts: float) -> None:
+        if self.last_ts is None or ts > self.last_ts:
+            self.last_ts = ts
+
+    def _start(self, host: str, qid: str, ts: float) -> OpenMessage:
+        """Return the open message for a submission line, starting a new one if needed."""
+        key = (host, qid)
+        msg = self.open.get(key)
+        if msg is not None and msg.counted:
+            # A second submission under a live queue id: its "removed" line was lost.
+            self._drop(key, msg)
+            msg = None
+        if msg is None:
+            self._forget_closed(key)
+            msg = self.open[key] = OpenMessage(host, qid, ts)
+            self._bound(ts)
+        self._dirty.add(key)
+        return msg
+
+    def _client(self, rec: Client) -> None:
+        head = rec.head
+        self._tick(head.ts)
+        msg = self._start(head.host, rec.queue_id, head.ts)
+        msg.client_name, msg.client_ip = rec.client_name, rec.client_ip
+        msg.sasl_username, msg.service = rec.sasl_username, head.service
+
+    def _pickup(self, rec: Pickup) -> None:
+        head = rec.head
+        self._tick(head.ts)
+        msg = self._start(head.host, rec.queue_id, head.ts)
+        msg.client_name, msg.client_ip, msg.service = "pickup", LOCAL_CLIENT, head.service
+
+    def _queued(self, rec: Queued) -> None:
+        head = rec.head
+        self._tick(head.ts)
+        key = (head.host, rec.queue_id)
+        msg = self.open.get(key)
+        if msg is None:
+            # Bounces, forwarded mail and mail queued before our log begins have no
+            # smtpd/pickup line; a from= after "removed" is a new message.
+            self._forget_closed(key)
+            msg = self.open[key] = OpenMessage(head.host, rec.queue_id, head.ts)
+            self._bound(head.ts)
+        if msg.counted:
+            return  # qmgr logs from= again each time a deferred message is retried
+        msg.sender = self._key_of(msg, rec.sender)
+        msg.counted = True
+        self._dirty.add(key)
+        self.stats.messages += 1
+        self._bump(msg.sender, head.ts, MESSAGES)
+        if msg.sasl_username:
+            self._bump(msg.sender, head.ts, AUTH_RCV)
+        if msg.pending:
+            for pending in msg.pending:
+                self._count_delivery(msg, *pending)
+            msg.pending = None
+
+    def _find(self, key: tuple[str, str]) -> OpenMessage | None:
+        return self.open.get(key) or self.closed.get(key)
+
+    def _delivery(self, rec: Delivery) -> None:
+        head = rec.head
+        self._tick(head.ts)
+        self.stats.deliveries += 1
+        if rec.status not in COUNTED_STATUSES:
+            return  # address verification probes and the like
+        response = f"relay={rec.relay}, dsn={rec.dsn}, status={rec.status} ({rec.text})"
+        key = (head.host, rec.queue_id)
+        msg = self._find(key)
+        if msg is None:
+            msg = self.open[key] = OpenMessage(head.host, rec.queue_id, head.ts)
+            self._bound(head.ts)
+        if msg.sender is None:
+            # Seen before the message's from= (reordered lines, or queued before the log
+            # began): keep it until the sender is known, or count it orphaned.
+            if msg.pending is None:
+                msg.pending = []
+            msg.pending.append((head.ts, rec.recipient, rec.status, response))
+            self._dirty.add(key)
+            return
+        self._count_delivery(msg, head.ts, rec.recipient, rec.status, response)
+
+    def _count_delivery(
+        self, msg: OpenMessage, ts: float, recipient: str, status: str, response: str
+    ) -> None:
+        assert msg.sender is not None
+        self._bump(msg.sender, ts, STATUS_COLUMN[status])
+        self._details.append(
+            (ts, msg.sender, msg.client_ip, msg.host, msg.queue_id, recipient, status, response)
+        )
+
+    def _expired(self, rec: Expired) -> None:
+        head = rec.head
+        self._tick(head.ts)
+        msg = self._find((head.host, rec.queue_id))
+        sender = msg.sender if msg is not None and msg.sender else self.normalise(rec.sender)
+        self._bump(sender, head.ts, STATUS_COLUMN["expired"])
+        self._details.append(
+            (
+                head.ts,
+                sender,
+                msg.client_ip if msg else "",
+                head.host,
+                rec.queue_id,
+                "",
+                "expired",
+                "status=expired, returned to sender",
+            )
+        )
+
+    def _removed(self, rec: Removed) -> None:
+        head = rec.head
+        self._tick(head.ts)
+        key = (head.host, rec.queue_id)
+        msg = self.open.pop(key, None)
+        if msg is None:
+            return
+        if msg.pending:
+            self.stats.orphan_deliveries += len(msg.pending)
+            msg.pending = None
+        msg.removed_ts = head.ts
+        self.closed[key] = msg
+        self._dirty.add(key)
+        self._prune_closed(head.ts)
+
+    def _reject(self, rec: Reject) -> None:
+        head = rec.head
+        self._tick(head.ts)
+        self.stats.rejects += 1
+        msg = self.open.get((head.host, rec.queue_id)) if rec.queue_id else None
+        if rec.sender is None:
+            self.stats.unattributed += 1
+            return
+        sender = self._key_of(msg, rec.sender) if msg else self.normalise(rec.sender)
+        if head.service in self.settings.auth_services or (msg and msg.sasl_username):
+            self._bump(sender, head.ts, AUTH_BLK)
+        self._details.append(
+            (
+                head.ts,
+                sender,
+                rec.client_ip,
+                head.host,
+                rec.queue_id or "NOQUEUE",
+                rec.recipient or "",
+                "reject",
+                rec.reply,
+            )
+        )
+
+    def _auth_failure(self, rec: AuthFailure) -> None:
+        head = rec.head
+        self._tick(head.ts)
+        self.stats.auth_failures += 1
+        if not rec.username:
+            self.stats.unattributed += 1
+            return
+        user = self.normalise(rec.username)
+        self._bump(user, head.ts, AUTH_BLK)
+        self._details.append(
+            (
+                head.ts,
+                user,
+                rec.client_ip,
+                head.host,
+                "",
+                "",
+                "auth-failed",
+                f"SASL {rec.method} authentication failed: {rec.reason}",
+            )
+        )
+
+    def _ignore(self, rec: Record) -> None:
+        pass
+
+    def _foreign(self, rec: Record) -> None:
+        self.stats.foreign += 1
+
+    def _unparsed(self, rec: Unparsed) -> None:
+        unparsed = self.stats.unparsed
+        unparsed[rec.reason] = unparsed.get(rec.reason, 0) + 1
+
+    # -- bounds -----------------------------------------------------------------
+
+    def _drop(self, key: tuple[str, str], msg: OpenMessage) -> None:
+        del self.open[key]
+        if msg.pending:
+            self.stats.orphan_deliveries += len(msg.pending)
+        self._dirty.discard(key)
+        if msg.persisted:
+            self._gone.add(key)
+
+    def _forget_closed(self, key: tuple[str, str]) -> None:
+        msg = self.closed.pop(key, None)
+        if msg is not None:
+            self._dirty.discard(key)
+            if msg.persisted:
+                self._gone.add(key)
+
+    def _bound(self, now: float) -> None:
+        """Evict the oldest open messages beyond the count bound or the age bound."""
+        limit, oldest = self.settings.max_open, now - self.settings.max_age
+        while self.open:
+            key, msg = next(iter(self.open.items()))
+            if len(self.open) <= limit and msg.first_ts >= oldest:
+                break
+            self._drop(key, msg)
+            self.stats.evicted += 1
+            log.debug("message evicted host=%s queue_id=%s", *key)
+
+    def _prune_closed(self, now: float) -> None:
+        oldest = now - self.settings.reorder_window
+        while self.closed:
+            key, msg = next(iter(self.closed.items()))
+            if msg.removed_ts is not None and msg.removed_ts >= oldest:
+                break
+            del self.closed[key]
+            self._dirty.discard(key)
+            if msg.persisted:
+                self._gone.add(key)
