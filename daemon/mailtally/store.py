@@ -76,7 +76,7 @@ MIGRATIONS: tuple[str, ...] = (
 # Built from the fixed column names only.
 _COLUMN_LIST = ", ".join(COLUMNS)
 _UPSERT_COUNTS = (
-    "INSERT INTO counters (sender, day, "
+    "INSERT INTO counters (sender, day, "  # noqa: S608
     + _COLUMN_LIST
     + ") VALUES (?, ?"
     + ", ?" * len(COLUMNS)
