@@ -70,7 +70,7 @@ class CorrelateSection(_Section):
 class IngestSection(_Section):
     """Batching of commits (``ingest:``)."""
 
-    batch_lines: PositiveInt = 5000
+    batch_lines: PositiveInt = 20_000
     syslog_names: list[str] = Field(default_factory=lambda: ["postfix"], min_length=1)
 
 

@@ -230,38 +230,35 @@ class Correlator:
         return msg
 
     def _client(self, rec: Client) -> None:
-        head = rec.head
-        self._tick(head.ts)
-        msg = self._start(head.host, rec.queue_id, head.ts)
+        self._tick(rec.ts)
+        msg = self._start(rec.host, rec.queue_id, rec.ts)
         msg.client_name, msg.client_ip = rec.client_name, rec.client_ip
-        msg.sasl_username, msg.service = rec.sasl_username, head.service
+        msg.sasl_username, msg.service = rec.sasl_username, rec.service
 
     def _pickup(self, rec: Pickup) -> None:
-        head = rec.head
-        self._tick(head.ts)
-        msg = self._start(head.host, rec.queue_id, head.ts)
-        msg.client_name, msg.client_ip, msg.service = "pickup", LOCAL_CLIENT, head.service
+        self._tick(rec.ts)
+        msg = self._start(rec.host, rec.queue_id, rec.ts)
+        msg.client_name, msg.client_ip, msg.service = "pickup", LOCAL_CLIENT, rec.service
 
     def _queued(self, rec: Queued) -> None:
-        head = rec.head
-        self._tick(head.ts)
-        key = (head.host, rec.queue_id)
+        self._tick(rec.ts)
+        key = (rec.host, rec.queue_id)
         msg = self.open.get(key)
         if msg is None:
             # Bounces, forwarded mail and mail queued before our log begins have no
             # smtpd/pickup line; a from= after "removed" is a new message.
             self._forget_closed(key)
-            msg = self.open[key] = OpenMessage(head.host, rec.queue_id, head.ts)
-            self._bound(head.ts)
+            msg = self.open[key] = OpenMessage(rec.host, rec.queue_id, rec.ts)
+            self._bound(rec.ts)
         if msg.counted:
             return  # qmgr logs from= again each time a deferred message is retried
         msg.sender = self._key_of(msg, rec.sender)
         msg.counted = True
         self._dirty.add(key)
         self.stats.messages += 1
-        self._bump(msg.sender, head.ts, MESSAGES)
+        self._bump(msg.sender, rec.ts, MESSAGES)
         if msg.sasl_username:
-            self._bump(msg.sender, head.ts, AUTH_RCV)
+            self._bump(msg.sender, rec.ts, AUTH_RCV)
         if msg.pending:
             for pending in msg.pending:
                 self._count_delivery(msg, *pending)
@@ -271,26 +268,25 @@ class Correlator:
         return self.open.get(key) or self.closed.get(key)
 
     def _delivery(self, rec: Delivery) -> None:
-        head = rec.head
-        self._tick(head.ts)
+        self._tick(rec.ts)
         self.stats.deliveries += 1
         if rec.status not in COUNTED_STATUSES:
             return  # address verification probes and the like
         response = f"relay={rec.relay}, dsn={rec.dsn}, status={rec.status} ({rec.text})"
-        key = (head.host, rec.queue_id)
+        key = (rec.host, rec.queue_id)
         msg = self._find(key)
         if msg is None:
-            msg = self.open[key] = OpenMessage(head.host, rec.queue_id, head.ts)
-            self._bound(head.ts)
+            msg = self.open[key] = OpenMessage(rec.host, rec.queue_id, rec.ts)
+            self._bound(rec.ts)
         if msg.sender is None:
             # Seen before the message's from= (reordered lines, or queued before the log
             # began): keep it until the sender is known, or count it orphaned.
             if msg.pending is None:
                 msg.pending = []
-            msg.pending.append((head.ts, rec.recipient, rec.status, response))
+            msg.pending.append((rec.ts, rec.recipient, rec.status, response))
             self._dirty.add(key)
             return
-        self._count_delivery(msg, head.ts, rec.recipient, rec.status, response)
+        self._count_delivery(msg, rec.ts, rec.recipient, rec.status, response)
 
     def _count_delivery(
         self, msg: OpenMessage, ts: float, recipient: str, status: str, response: str
@@ -302,17 +298,16 @@ class Correlator:
         )
 
     def _expired(self, rec: Expired) -> None:
-        head = rec.head
-        self._tick(head.ts)
-        msg = self._find((head.host, rec.queue_id))
+        self._tick(rec.ts)
+        msg = self._find((rec.host, rec.queue_id))
         sender = msg.sender if msg is not None and msg.sender else self.normalise(rec.sender)
-        self._bump(sender, head.ts, STATUS_COLUMN["expired"])
+        self._bump(sender, rec.ts, STATUS_COLUMN["expired"])
         self._details.append(
             (
-                head.ts,
+                rec.ts,
                 sender,
                 msg.client_ip if msg else "",
-                head.host,
+                rec.host,
                 rec.queue_id,
                 "",
                 "expired",
@@ -321,37 +316,35 @@ class Correlator:
         )
 
     def _removed(self, rec: Removed) -> None:
-        head = rec.head
-        self._tick(head.ts)
-        key = (head.host, rec.queue_id)
+        self._tick(rec.ts)
+        key = (rec.host, rec.queue_id)
         msg = self.open.pop(key, None)
         if msg is None:
             return
         if msg.pending:
             self.stats.orphan_deliveries += len(msg.pending)
             msg.pending = None
-        msg.removed_ts = head.ts
+        msg.removed_ts = rec.ts
         self.closed[key] = msg
         self._dirty.add(key)
-        self._prune_closed(head.ts)
+        self._prune_closed(rec.ts)
 
     def _reject(self, rec: Reject) -> None:
-        head = rec.head
-        self._tick(head.ts)
+        self._tick(rec.ts)
         self.stats.rejects += 1
-        msg = self.open.get((head.host, rec.queue_id)) if rec.queue_id else None
+        msg = self.open.get((rec.host, rec.queue_id)) if rec.queue_id else None
         if rec.sender is None:
             self.stats.unattributed += 1
             return
         sender = self._key_of(msg, rec.sender) if msg else self.normalise(rec.sender)
-        if head.service in self.settings.auth_services or (msg and msg.sasl_username):
-            self._bump(sender, head.ts, AUTH_BLK)
+        if rec.service in self.settings.auth_services or (msg and msg.sasl_username):
+            self._bump(sender, rec.ts, AUTH_BLK)
         self._details.append(
             (
-                head.ts,
+                rec.ts,
                 sender,
                 rec.client_ip,
-                head.host,
+                rec.host,
                 rec.queue_id or "NOQUEUE",
                 rec.recipient or "",
                 "reject",
@@ -360,20 +353,19 @@ class Correlator:
         )
 
     def _auth_failure(self, rec: AuthFailure) -> None:
-        head = rec.head
-        self._tick(head.ts)
+        self._tick(rec.ts)
         self.stats.auth_failures += 1
         if not rec.username:
             self.stats.unattributed += 1
             return
         user = self.normalise(rec.username)
-        self._bump(user, head.ts, AUTH_BLK)
+        self._bump(user, rec.ts, AUTH_BLK)
         self._details.append(
             (
-                head.ts,
+                rec.ts,
                 user,
                 rec.client_ip,
-                head.host,
+                rec.host,
                 "",
                 "",
                 "auth-failed",

@@ -9,12 +9,17 @@ Three header forms are understood, as real relays write them:
 
 Traditional stamps carry neither year nor zone: they are read in the configured zone and
 the year is inferred against a reference time (see `YearGuess`).
+
+This runs once per log line, so it avoids regular expressions and allocations on the
+common paths: lines no counter needs come back as the shared `OTHER` record, and only
+lines that count get their timestamp converted.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, tzinfo
 
@@ -38,14 +43,12 @@ _MONTHS = {
         ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"), 1
     )
 }
+_TRADITIONAL_LEN = len("Dec  3 09:41:40")
+_ISO_SECONDS_LEN = len("2026-12-03T09:41:40")
+_QUEUE_ID_MIN, _QUEUE_ID_MAX = 5, 20
+_SHORT_ID_CHARS = "0123456789ABCDEF"
+_LONG_ID_CHARS = "0123456789BCDFGHJKLMNPQRSTVWXYZbcdfghjklmnpqrstvwxyz"
 
-_HEADER = re.compile(
-    r"(?:([A-Z][a-z]{2} [ 0-3]\d \d\d:\d\d:\d\d)(?:\.\d+)?"
-    r"|(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?(?:Z|[+-]\d\d:?\d\d)?))"
-    r" (\S+) ([^\s\[:]+)(?:\[\d+\])?: (.*)",
-    re.DOTALL,
-)
-_QUEUE_ID = re.compile(r"[0-9A-Za-z]{5,20}\Z")
 _CLIENT = re.compile(r"(.*?)\[([^\]]*)\](?::\d+)?\Z")
 _SASL_FAIL = re.compile(
     r"warning: (.*?)\[([^\]]*)\](?::\d+)?: SASL (\S+) authentication failed: (.*?)"
@@ -53,28 +56,18 @@ _SASL_FAIL = re.compile(
     re.DOTALL,
 )
 _REJECT = re.compile(
-    r"(reject|milter-reject): (\S+) from (.*?)\[([^\]]*)\](?::\d+)?: (.*?);"
-    r" (from=<.*)\Z",
+    r"(reject|milter-reject): (\S+) from (.*?)\[([^\]]*)\](?::\d+)?: (.*?); (from=<.*)\Z",
     re.DOTALL,
 )
 
 
-@dataclass(frozen=True, slots=True)
-class Header:
-    """What every Postfix line carries: when, where and which process."""
-
-    ts: float  # seconds since the epoch, UTC
-    host: str
-    instance: str  # "postfix", "postfix-out": the syslog_name's first component
-    service: str  # master.cf service: "smtpd", "submission", "smtp", ...
-    daemon: str  # the program: "smtpd", "qmgr", "smtp", ...
-
-
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Client:
     """smtpd ``QID: client=name[addr]``: a message entered over SMTP."""
 
-    head: Header
+    ts: float  # seconds since the epoch
+    host: str  # the relay that logged it; "host/instance" for a second Postfix instance
+    service: str  # master.cf service: "smtpd", "submission", "smtp", ...
     queue_id: str
     client_name: str
     client_ip: str
@@ -82,42 +75,51 @@ class Client:
     sasl_username: str | None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Pickup:
     """pickup ``QID: uid=N from=<addr>``: a message submitted with sendmail(1)."""
 
-    head: Header
+    ts: float
+    host: str
+    service: str
     queue_id: str
     uid: str
     sender: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Queued:
     """qmgr ``QID: from=<addr>, size=N, nrcpt=M (queue active)``; repeated on each retry."""
 
-    head: Header
+    ts: float
+    host: str
+    service: str
     queue_id: str
     sender: str
     size: int
     nrcpt: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Expired:
     """qmgr ``QID: from=<addr>, status=expired, returned to sender``: the message gave up."""
 
-    head: Header
+    ts: float
+    host: str
+    service: str
     queue_id: str
     sender: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Delivery:
     """One ``to=<rcpt>, ... status=S (text)`` line: one recipient's outcome for one attempt."""
 
-    head: Header
+    ts: float
+    host: str
+    service: str
     queue_id: str
+    transport: str  # the delivery agent: "smtp", "lmtp", "local", "virtual", "pipe", ...
     recipient: str
     orig_to: str | None
     relay: str
@@ -126,29 +128,35 @@ class Delivery:
     text: str  # the parenthesised reply, without the parentheses
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Notification:
     """bounce ``QID: sender non-delivery notification: NEWQID`` and its delay/DSN kin."""
 
-    head: Header
+    ts: float
+    host: str
+    service: str
     queue_id: str
     kind: str  # "sender non-delivery", "sender delay", "postmaster non-delivery", ...
     new_queue_id: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Removed:
     """``QID: removed``: the queue file is gone and the queue id may be reused."""
 
-    head: Header
+    ts: float
+    host: str
+    service: str
     queue_id: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Reject:
     """A refused SMTP command: ``NOQUEUE: reject: RCPT from ...`` or with a queue id."""
 
-    head: Header
+    ts: float
+    host: str
+    service: str
     queue_id: str | None  # None for NOQUEUE
     stage: str  # "RCPT", "MAIL", "DATA", "END-OF-MESSAGE", ...
     client_name: str
@@ -158,11 +166,13 @@ class Reject:
     recipient: str | None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class AuthFailure:
     """smtpd ``warning: name[addr]: SASL LOGIN authentication failed: reason``."""
 
-    head: Header
+    ts: float
+    host: str
+    service: str
     client_name: str
     client_ip: str
     method: str
@@ -173,9 +183,6 @@ class AuthFailure:
 @dataclass(frozen=True, slots=True)
 class Other:
     """A Postfix line that matters to no counter (connect, anvil, TLS, warnings...)."""
-
-    host: str
-    daemon: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,6 +214,7 @@ Record = (
     | Unparsed
 )
 
+OTHER = Other()
 UNPARSED_HEADER = Unparsed("header")
 UNPARSED_TIMESTAMP = Unparsed("timestamp")
 UNPARSED_ENCODING = Unparsed("encoding")
@@ -227,26 +235,18 @@ class YearGuess:
         self.reference = reference
         self._limit = reference + FUTURE_SLACK.total_seconds()
         self._year = datetime.fromtimestamp(reference, tz).year
-        self._cache: dict[str, float] = {}
 
     def epoch(self, stamp: str) -> float | None:
         """Return the epoch seconds of ``Mmm dd HH:MM:SS``, or None if it is no date."""
-        cached = self._cache.get(stamp)
-        if cached is not None:
-            return cached
         try:
             month = _MONTHS[stamp[:3]]
             day = int(stamp[4:6])
             hour, minute, second = int(stamp[7:9]), int(stamp[10:12]), int(stamp[13:15])
-            value = self._at(self._year, month, day, hour, minute, second)
-            if value is None or value > self._limit:
-                value = self._at(self._year - 1, month, day, hour, minute, second)
         except (KeyError, ValueError):
             return None
-        if value is not None:
-            if len(self._cache) > CACHE_LIMIT:
-                self._cache.clear()
-            self._cache[stamp] = value
+        value = self._at(self._year, month, day, hour, minute, second)
+        if value is None or value > self._limit:
+            value = self._at(self._year - 1, month, day, hour, minute, second)
         return value
 
     def _at(
@@ -254,8 +254,12 @@ class YearGuess:
     ) -> float | None:
         try:
             return datetime(year, month, day, hour, minute, second, tzinfo=self.tz).timestamp()
-        except ValueError:  # Feb 29 in a year without one
+        except ValueError:  # Feb 29 in a year without one, hour 25...
             return None
+
+
+# A handler turns (stamp, host, service, daemon, message) into a record.
+_Handler = Callable[[str, str, str, str, str], "Record"]
 
 
 class LineParser:
@@ -263,7 +267,8 @@ class LineParser:
 
     `syslog_names` are the Postfix ``syslog_name`` roots to accept: ``postfix`` also
     accepts multi-instance names such as ``postfix-out`` and per-service names such as
-    ``postfix/submission/smtpd``. `reference` (epoch seconds) dates year-less stamps.
+    ``postfix/submission/smtpd``. `reference` (epoch seconds) dates year-less stamps;
+    `host`, when set, replaces the host field of every line.
     """
 
     def __init__(
@@ -274,185 +279,285 @@ class LineParser:
         host: str | None = None,
     ) -> None:
         self.years = YearGuess(tz, reference)
-        self.host = host  # replaces every line's host field when set
         self.syslog_names = syslog_names
-        self._iso_cache: dict[str, float] = {}
-        self._programs: dict[str, tuple[str, str, str] | None] = {}
+        self.host = host
+        self._stamps: dict[str, float | None] = {}
+        self._programs: dict[str, tuple[str, str, str, _Handler] | None] = {}
+        self._handlers: dict[str, _Handler] = {
+            "smtpd": self._smtpd,
+            "qmgr": self._qmgr,
+            "pickup": self._pickup,
+            "cleanup": self._cleanup,
+            "bounce": self._bounce,
+            **dict.fromkeys(DELIVERY_AGENTS, self._delivery),
+        }
 
     def parse(self, line: str) -> Record:
         """Return the record for `line` (without its newline); never raises."""
         try:
-            return self._parse(line)
+            if len(line) > MAX_LINE:
+                return UNPARSED_LENGTH
+            first = line[:1]
+            if "A" <= first <= "Z":  # "Dec  3 09:41:40 host prog: msg"
+                stamp = line[:_TRADITIONAL_LEN]
+                if stamp[:3] not in _MONTHS:
+                    return UNPARSED_HEADER
+                rest = line[_TRADITIONAL_LEN + 1 :]
+                if line[_TRADITIONAL_LEN : _TRADITIONAL_LEN + 1] != " ":
+                    return UNPARSED_HEADER
+                parts = rest.split(" ", 2)
+            elif "0" <= first <= "9":  # "2026-12-03T09:41:40.123456+00:00 host prog: msg"
+                stamp, _, rest = line.partition(" ")
+                if stamp[4:5] != "-" or stamp[10:11] != "T":
+                    return UNPARSED_HEADER
+                parts = rest.split(" ", 2)
+            else:
+                return UNPARSED_NUL if "\x00" in line else UNPARSED_HEADER
+            if len(parts) != 3 or parts[1][-1:] != ":":  # noqa: PLR2004 - host, tag, message
+                return UNPARSED_NUL if "\x00" in line else UNPARSED_HEADER
+            host, tag, msg = parts
+            bracket = tag.find("[")
+            program = tag[:bracket] if bracket > 0 else tag[:-1]
+            try:
+                known = self._programs[program]
+            except KeyError:
+                known = self._programs[program] = self._program(program)
+            if known is None:
+                return Foreign(program)
+            suffix, service, daemon, handler = known
+            return handler(stamp, self.host or host + suffix, service, daemon, msg)
         except Exception:  # a parser bug must not stop ingestion; the line is counted
             log.exception("parser failed line=%.200r", line)
             return UNPARSED_HEADER
 
-    def _parse(self, line: str) -> Record:
-        if len(line) > MAX_LINE:
-            return UNPARSED_LENGTH
-        m = _HEADER.match(line)
-        if m is None:
-            return UNPARSED_NUL if "\x00" in line else UNPARSED_HEADER
-        trad, iso, host, program, msg = m.groups()
-        names = self._program(program)
-        if names is None:
-            return Foreign(program)
-        handler = _HANDLERS.get(names[2])
-        if handler is None:
-            return _removed_or_other(self, trad, iso, host, names, msg)
-        return handler(self, trad, iso, host, names, msg)
-
-    def _program(self, program: str) -> tuple[str, str, str] | None:
-        try:
-            return self._programs[program]
-        except KeyError:
-            pass
+    def _program(self, program: str) -> tuple[str, str, str, _Handler] | None:
         parts = program.split("/")
         root = parts[0]
-        names: tuple[str, str, str] | None = None
-        if len(parts) >= 2 and any(  # noqa: PLR2004
+        if len(parts) < 2 or not any(  # noqa: PLR2004 - "postfix/daemon" at least
             root == n or root.startswith(n + "-") for n in self.syslog_names
         ):
-            daemon = parts[-1]
-            service = parts[1] if len(parts) > 2 else daemon  # noqa: PLR2004
-            names = (root, service, daemon)
-        self._programs[program] = names
-        return names
-
-    def header(
-        self, trad: str | None, iso: str | None, host: str, names: tuple[str, str, str]
-    ) -> Header | None:
-        """Build the `Header` of a line, or None when its stamp is no real date."""
-        ts = self.years.epoch(trad) if trad is not None else self._iso(iso or "")
-        if ts is None:
             return None
-        return Header(ts, self.host or host, *names)
+        daemon = parts[-1]
+        service = parts[1] if len(parts) > 2 else daemon  # noqa: PLR2004
+        # A second instance has its own queue, so its queue ids are its own.
+        suffix = "" if root == self.syslog_names[0] else "/" + root
+        return suffix, service, daemon, self._handlers.get(daemon, self._any)
+
+    def timestamp(self, stamp: str) -> float | None:
+        """Return epoch seconds for a header stamp, or None when it is no real date."""
+        try:
+            return self._stamps[stamp]
+        except KeyError:
+            pass
+        if len(stamp) == _TRADITIONAL_LEN:
+            value = self.years.epoch(stamp)
+        else:
+            # RFC 3339 stamps differ in their fraction on every line: cache the second.
+            frac = ""
+            zone = stamp[_ISO_SECONDS_LEN:]
+            if zone[:1] == ".":
+                end = 1
+                while end < len(zone) and zone[end].isdigit():
+                    end += 1
+                frac, zone = zone[:end], zone[end:]
+            if frac:
+                whole = self.timestamp(stamp[:_ISO_SECONDS_LEN] + zone)
+                return None if whole is None else whole + float(frac)
+            value = self._iso(stamp)
+        if len(self._stamps) > CACHE_LIMIT:
+            self._stamps.clear()
+        self._stamps[stamp] = value
+        return value
 
     def _iso(self, stamp: str) -> float | None:
-        # Cache on everything but the fraction: consecutive lines share the second.
-        base, frac, zone = stamp[:19], "", stamp[19:]
-        if zone.startswith("."):
-            end = 1
-            while end < len(zone) and zone[end].isdigit():
-                end += 1
-            frac, zone = zone[:end], zone[end:]
-        key = base + zone
-        value = self._iso_cache.get(key)
-        if value is None:
-            try:
-                parsed = datetime.fromisoformat(key)
-            except ValueError:
-                return None
-            if parsed.tzinfo is None:
-                parsed = parsed.replace(tzinfo=self.years.tz)
-            value = parsed.timestamp()
-            if len(self._iso_cache) > CACHE_LIMIT:
-                self._iso_cache.clear()
-            self._iso_cache[key] = value
-        return value + float(frac) if frac else value
+        try:
+            parsed = datetime.fromisoformat(stamp)
+        except ValueError:
+            return None
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=self.years.tz)
+        return parsed.timestamp()
 
+    # -- per-daemon handlers: (stamp, host, service, daemon, message) -> record --------
 
-def _split_queue_id(msg: str) -> tuple[str, str] | None:
-    qid, sep, rest = msg.partition(": ")
-    if not sep or _QUEUE_ID.match(qid) is None:
-        return None
-    return qid, rest
+    def _any(self, stamp: str, host: str, service: str, daemon: str, msg: str) -> Record:
+        # postsuper and any other program may remove a queue file.
+        if msg[-9:] == ": removed":
+            qid = msg[:-9]
+            if _is_queue_id(qid):
+                ts = self.timestamp(stamp)
+                return UNPARSED_TIMESTAMP if ts is None else Removed(ts, host, service, qid)
+        return OTHER
 
+    def _smtpd(self, stamp: str, host: str, service: str, daemon: str, msg: str) -> Record:
+        colon = msg.find(": ")
+        qid = msg[:colon]
+        if colon > 0 and _is_queue_id(qid):
+            rest = msg[colon + 2 :]
+            if rest[:7] == "client=":
+                return self._client(stamp, host, service, qid, rest)
+            if rest[:8] == "reject: " or rest[:15] == "milter-reject: ":
+                return self._reject(stamp, host, service, qid, rest)
+            return OTHER
+        if msg[:9] == "NOQUEUE: ":
+            return self._reject(stamp, host, service, None, msg[9:])
+        if msg[:9] == "warning: " and "authentication failed" in msg:
+            m = _SASL_FAIL.match(msg)
+            if m is None:
+                return OTHER
+            ts = self.timestamp(stamp)
+            if ts is None:
+                return UNPARSED_TIMESTAMP
+            name, addr, method, reason, user = m.groups()
+            return AuthFailure(ts, host, service, name, addr, method, reason, user or None)
+        return OTHER
 
-def _removed_or_other(
-    p: LineParser,
-    trad: str | None,
-    iso: str | None,
-    host: str,
-    names: tuple[str, str, str],
-    msg: str,
-) -> Record:
-    # postsuper and any other program may remove a queue file.
-    if msg.endswith(": removed"):
-        split = _split_queue_id(msg)
-        if split is not None and split[1] == "removed":
-            head = p.header(trad, iso, host, names)
-            return UNPARSED_TIMESTAMP if head is None else Removed(head, split[0])
-    return Other(host, names[2])
-
-
-def _smtpd(
-    p: LineParser,
-    trad: str | None,
-    iso: str | None,
-    host: str,
-    names: tuple[str, str, str],
-    msg: str,
-) -> Record:
-    if msg.startswith("warning: "):
-        if "authentication failed" not in msg:
-            return Other(host, names[2])
-        m = _SASL_FAIL.match(msg)
+    def _client(self, stamp: str, host: str, service: str, qid: str, rest: str) -> Record:
+        fields = rest.split(", ")
+        m = _CLIENT.match(fields[0], 7)
         if m is None:
-            return Other(host, names[2])
-        head = p.header(trad, iso, host, names)
-        if head is None:
+            return OTHER
+        ts = self.timestamp(stamp)
+        if ts is None:
             return UNPARSED_TIMESTAMP
-        name, addr, method, reason, user = m.groups()
-        return AuthFailure(head, name, addr, method, reason, user or None)
-    split = _split_queue_id(msg)
-    if split is None:
-        return (
-            _reject(p, trad, iso, host, names, None, msg[9:])
-            if msg.startswith("NOQUEUE: ")
-            else Other(host, names[2])
+        method = user = None
+        for field in fields[1:]:
+            if field[:12] == "sasl_method=":
+                method = field[12:] or None
+            elif field[:14] == "sasl_username=":
+                user = field[14:] or None
+        return Client(ts, host, service, qid, m.group(1), m.group(2), method, user)
+
+    def _reject(self, stamp: str, host: str, service: str, qid: str | None, rest: str) -> Record:
+        m = _REJECT.match(rest)
+        if m is None:
+            return OTHER
+        ts = self.timestamp(stamp)
+        if ts is None:
+            return UNPARSED_TIMESTAMP
+        _, stage, name, addr, reply, envelope = m.groups()
+        sender, recipient = _angle(envelope, "from=<"), _angle(envelope, "to=<")
+        return Reject(ts, host, service, qid, stage, name, addr, reply, sender, recipient)
+
+    def _qmgr(self, stamp: str, host: str, service: str, daemon: str, msg: str) -> Record:
+        colon = msg.find(": ")
+        qid = msg[:colon]
+        if colon <= 0 or not _is_queue_id(qid):
+            return OTHER
+        rest = msg[colon + 2 :]
+        if rest[:6] == "from=<":
+            end = rest.find(">, ", 6)
+            if end < 0:
+                return OTHER
+            sender, tail = rest[6:end], rest[end + 3 :]
+            if tail[:5] == "size=":
+                ts = self.timestamp(stamp)
+                if ts is None:
+                    return UNPARSED_TIMESTAMP
+                size = nrcpt = 0
+                for field in tail.split(", "):
+                    key, _, value = field.partition("=")
+                    if key == "size":
+                        size = _int(value)
+                    elif key == "nrcpt":
+                        nrcpt = _int(value.partition(" ")[0])
+                return Queued(ts, host, service, qid, sender, size, nrcpt)
+            if tail[:14] == "status=expired":
+                ts = self.timestamp(stamp)
+                return (
+                    UNPARSED_TIMESTAMP if ts is None else Expired(ts, host, service, qid, sender)
+                )
+            return OTHER
+        if rest == "removed":
+            ts = self.timestamp(stamp)
+            return UNPARSED_TIMESTAMP if ts is None else Removed(ts, host, service, qid)
+        return OTHER
+
+    def _delivery(self, stamp: str, host: str, service: str, daemon: str, msg: str) -> Record:
+        colon = msg.find(": ")
+        qid = msg[:colon]
+        if colon <= 0 or not _is_queue_id(qid):
+            return OTHER
+        rest = msg[colon + 2 :]
+        if rest[:3] != "to=":
+            return self._any(stamp, host, service, daemon, msg)
+        cut = rest.find(", status=")
+        if cut < 0:
+            return OTHER
+        fields, tail = rest[:cut], rest[cut + 9 :]
+        # The recipient may hold ", " inside a quoted local part: take it up to ">, ".
+        if fields[:4] == "to=<":
+            end = fields.find(">, ")
+            if end < 0:
+                return OTHER
+            recipient, fields = fields[4:end], fields[end + 3 :]
+        else:  # local(8) may log a bare address: "to=user@host, orig_to=..."
+            recipient, _, fields = fields[3:].partition(", ")
+        orig_to = None
+        relay = dsn = ""
+        for field in fields.split(", "):
+            key, _, value = field.partition("=")
+            if key == "relay":
+                relay = value
+            elif key == "dsn":
+                dsn = value
+            elif key == "orig_to":
+                orig_to = value.strip("<>")
+        status, _, text = tail.partition(" ")
+        if status[-1:] == ",":  # "status=expired, returned to sender"
+            status = status[:-1]
+        if text[:1] == "(" and text[-1:] == ")":
+            text = text[1:-1]
+        ts = self.timestamp(stamp)
+        if ts is None:
+            return UNPARSED_TIMESTAMP
+        return Delivery(
+            ts, host, service, qid, daemon, recipient, orig_to, relay, dsn, status, text
         )
-    qid, rest = split
-    if rest.startswith("client="):
-        return _client(p, trad, iso, host, names, qid, rest)
-    if rest.startswith(("reject: ", "milter-reject: ")):
-        return _reject(p, trad, iso, host, names, qid, rest)
-    return Other(host, names[2])
+
+    def _pickup(self, stamp: str, host: str, service: str, daemon: str, msg: str) -> Record:
+        colon = msg.find(": ")
+        qid = msg[:colon]
+        rest = msg[colon + 2 :]
+        if colon <= 0 or rest[:4] != "uid=" or not _is_queue_id(qid):
+            return OTHER
+        uid, _, sender = rest[4:].partition(" from=<")
+        ts = self.timestamp(stamp)
+        if ts is None:
+            return UNPARSED_TIMESTAMP
+        return Pickup(ts, host, service, qid, uid, sender.removesuffix(">"))
+
+    def _cleanup(self, stamp: str, host: str, service: str, daemon: str, msg: str) -> Record:
+        colon = msg.find(": ")
+        qid = msg[:colon]
+        if colon <= 0 or not _is_queue_id(qid):
+            return OTHER
+        rest = msg[colon + 2 :]
+        if rest[:8] == "reject: " or rest[:15] == "milter-reject: ":
+            return self._reject(stamp, host, service, qid, rest)
+        return self._any(stamp, host, service, daemon, msg)
+
+    def _bounce(self, stamp: str, host: str, service: str, daemon: str, msg: str) -> Record:
+        colon = msg.find(": ")
+        qid = msg[:colon]
+        rest = msg[colon + 2 :]
+        if colon <= 0 or " notification: " not in rest or not _is_queue_id(qid):
+            return OTHER
+        kind, _, new_qid = rest.partition(" notification: ")
+        ts = self.timestamp(stamp)
+        if ts is None:
+            return UNPARSED_TIMESTAMP
+        return Notification(ts, host, service, qid, kind, new_qid)
 
 
-def _client(
-    p: LineParser,
-    trad: str | None,
-    iso: str | None,
-    host: str,
-    names: tuple[str, str, str],
-    qid: str,
-    rest: str,
-) -> Record:
-    fields = rest.split(", ")
-    m = _CLIENT.match(fields[0][7:])
-    if m is None:
-        return Other(host, names[2])
-    head = p.header(trad, iso, host, names)
-    if head is None:
-        return UNPARSED_TIMESTAMP
-    method = user = None
-    for field in fields[1:]:
-        if field.startswith("sasl_method="):
-            method = field[12:] or None
-        elif field.startswith("sasl_username="):
-            user = field[14:] or None
-    return Client(head, qid, m.group(1), m.group(2), method, user)
+def _is_queue_id(text: str) -> bool:
+    """Tell a Postfix queue id: short hex ``7EE668039`` or long ``4LqTkN3Yzbz9vBq``.
 
-
-def _reject(
-    p: LineParser,
-    trad: str | None,
-    iso: str | None,
-    host: str,
-    names: tuple[str, str, str],
-    qid: str | None,
-    rest: str,
-) -> Record:
-    m = _REJECT.match(rest)
-    if m is None:
-        return Other(host, names[2])
-    head = p.header(trad, iso, host, names)
-    if head is None:
-        return UNPARSED_TIMESTAMP
-    _, stage, name, addr, reply, envelope = m.groups()
-    return Reject(
-        head, qid, stage, name, addr, reply, _angle(envelope, "from=<"), _angle(envelope, "to=<")
+    Long ids use digits and letters without vowels, so words such as ``warning`` or
+    ``NOQUEUE`` are never taken for one (see Postfix's mail_queue.h).
+    """
+    return _QUEUE_ID_MIN <= len(text) <= _QUEUE_ID_MAX and (
+        not text.strip(_SHORT_ID_CHARS) or not text.strip(_LONG_ID_CHARS)
     )
 
 
@@ -466,152 +571,5 @@ def _angle(text: str, key: str) -> str | None:
     return text[start:end] if end >= 0 else None
 
 
-def _qmgr(
-    p: LineParser,
-    trad: str | None,
-    iso: str | None,
-    host: str,
-    names: tuple[str, str, str],
-    msg: str,
-) -> Record:
-    split = _split_queue_id(msg)
-    if split is None:
-        return Other(host, names[2])
-    qid, rest = split
-    if rest.startswith("from=<"):
-        end = rest.find(">, ", 6)
-        if end < 0:
-            return Other(host, names[2])
-        sender, tail = rest[6:end], rest[end + 3 :]
-        if tail.startswith("size="):
-            head = p.header(trad, iso, host, names)
-            if head is None:
-                return UNPARSED_TIMESTAMP
-            size = nrcpt = 0
-            for field in tail.split(", "):
-                key, _, value = field.partition("=")
-                if key == "size":
-                    size = _int(value)
-                elif key == "nrcpt":
-                    nrcpt = _int(value.partition(" ")[0])
-            return Queued(head, qid, sender, size, nrcpt)
-        if tail.startswith("status=expired"):
-            head = p.header(trad, iso, host, names)
-            return UNPARSED_TIMESTAMP if head is None else Expired(head, qid, sender)
-        return Other(host, names[2])
-    if rest == "removed":
-        head = p.header(trad, iso, host, names)
-        return UNPARSED_TIMESTAMP if head is None else Removed(head, qid)
-    return Other(host, names[2])
-
-
 def _int(text: str) -> int:
     return int(text) if text.isdigit() else 0
-
-
-def _delivery(
-    p: LineParser,
-    trad: str | None,
-    iso: str | None,
-    host: str,
-    names: tuple[str, str, str],
-    msg: str,
-) -> Record:
-    split = _split_queue_id(msg)
-    if split is None:
-        return Other(host, names[2])
-    qid, rest = split
-    if not rest.startswith("to="):
-        return _removed_or_other(p, trad, iso, host, names, msg)
-    cut = rest.find(", status=")
-    if cut < 0:
-        return Other(host, names[2])
-    fields, tail = rest[:cut], rest[cut + 9 :]
-    # The recipient may contain ", " inside a quoted local part: take it up to ">, ".
-    if fields.startswith("to=<"):
-        end = fields.find(">, ")
-        if end < 0:
-            return Other(host, names[2])
-        recipient, fields = fields[4:end], fields[end + 3 :]
-    else:  # local(8) may log a bare address: "to=user@host, orig_to=..."
-        recipient, _, fields = fields[3:].partition(", ")
-    orig_to = None
-    relay = dsn = ""
-    for field in fields.split(", "):
-        key, _, value = field.partition("=")
-        if key == "relay":
-            relay = value
-        elif key == "dsn":
-            dsn = value
-        elif key == "orig_to":
-            orig_to = value.strip("<>")
-    status, _, text = tail.partition(" ")
-    status = status.rstrip(",")
-    if text.startswith("(") and text.endswith(")"):
-        text = text[1:-1]
-    head = p.header(trad, iso, host, names)
-    if head is None:
-        return UNPARSED_TIMESTAMP
-    return Delivery(head, qid, recipient, orig_to, relay, dsn, status, text)
-
-
-def _pickup(
-    p: LineParser,
-    trad: str | None,
-    iso: str | None,
-    host: str,
-    names: tuple[str, str, str],
-    msg: str,
-) -> Record:
-    split = _split_queue_id(msg)
-    if split is None or not split[1].startswith("uid="):
-        return Other(host, names[2])
-    uid, _, sender = split[1][4:].partition(" from=<")
-    head = p.header(trad, iso, host, names)
-    if head is None:
-        return UNPARSED_TIMESTAMP
-    return Pickup(head, split[0], uid, sender.removesuffix(">"))
-
-
-def _cleanup(
-    p: LineParser,
-    trad: str | None,
-    iso: str | None,
-    host: str,
-    names: tuple[str, str, str],
-    msg: str,
-) -> Record:
-    split = _split_queue_id(msg)
-    if split is None:
-        return Other(host, names[2])
-    if split[1].startswith(("reject: ", "milter-reject: ")):
-        return _reject(p, trad, iso, host, names, split[0], split[1])
-    return _removed_or_other(p, trad, iso, host, names, msg)
-
-
-def _bounce(
-    p: LineParser,
-    trad: str | None,
-    iso: str | None,
-    host: str,
-    names: tuple[str, str, str],
-    msg: str,
-) -> Record:
-    split = _split_queue_id(msg)
-    if split is None or " notification: " not in split[1]:
-        return Other(host, names[2])
-    kind, _, new_qid = split[1].partition(" notification: ")
-    head = p.header(trad, iso, host, names)
-    if head is None:
-        return UNPARSED_TIMESTAMP
-    return Notification(head, split[0], kind, new_qid)
-
-
-_HANDLERS = {
-    "smtpd": _smtpd,
-    "qmgr": _qmgr,
-    "pickup": _pickup,
-    "cleanup": _cleanup,
-    "bounce": _bounce,
-    **{agent: _delivery for agent in DELIVERY_AGENTS},
-}
