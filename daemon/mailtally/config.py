@@ -209,7 +209,7 @@ def _first_error(exc: ValidationError, path: Path, lines: dict[tuple[str | int, 
         if found is not None:
             line = found
             break
-    key = ".".join(_key_text(p) for p in loc) or "(top level)"
+    key = "".join(_key_text(p) for p in loc).lstrip(".") or "(top level)"
     problem = _problem(err)
     return f"{path}:{line}: {key}: {problem}"
 
@@ -223,7 +223,7 @@ def _key_text(part: object) -> str:
     if isinstance(part, int):
         return f"[{part}]"
     text = str(part)
-    return f'"{text}"' if "." in text else text
+    return f'."{text}"' if "." in text else f".{text}"
 
 
 def _problem(err: Any) -> str:
