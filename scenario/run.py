@@ -33,8 +33,8 @@ from mix import ACCOUNTS, MixOptions, play
 from postfix import PostfixInstance, PostfixSettings
 from rsyslog import PostlogRelay, Rsyslog
 from sink import Sink
-from traffic import Ledger
-from truth import ScenarioError, check_outcome, derive
+from traffic import Ledger, ScenarioError
+from truth import check_outcome, derive
 
 log = logging.getLogger("scenario.run")
 
@@ -196,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
+    if not args.verbose:
+        logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd, per command
     os.environ["TZ"] = "UTC"
     time.tzset()
     problem = preflight(timedelta(minutes=10 if args.short else 15))

@@ -23,6 +23,16 @@ OUTSIDE_IP = "127.0.0.3"  # not in mynetworks: must AUTH on submission, denied o
 LAB_IP = "127.0.0.4"  # in mynetworks: a second trusted host
 
 
+class ScenarioError(RuntimeError):
+    """The run did not go as planned, so no truth can be written from it."""
+
+
+def expect(ok: bool, what: str) -> None:
+    """Raise ScenarioError saying `what` was expected, unless `ok`."""
+    if not ok:
+        raise ScenarioError(f"expected {what}")
+
+
 @dataclass(frozen=True, slots=True)
 class Submitted:
     """A message Postfix accepted after DATA (so it has a queue id and a qmgr from=)."""
@@ -41,7 +51,7 @@ class Blocked:
     """A submission Postfix blocked: a SASL failure or a NOQUEUE reject on submission."""
 
     at: datetime
-    key: str  # the SASL username, or the envelope sender of the rejected MAIL FROM
+    key: str  # the SASL username tried, or the envelope sender of the refused RCPT
     kind: str  # "sasl" | "noqueue"
     client_ip: str
 
@@ -92,45 +102,56 @@ class Client:
         self.service = service
         self.sasl_username: str | None = None
 
-    def authenticate(self, mechanism: str, username: str, password: str) -> bool:
-        """Try one AUTH exchange (smtplib's login() would try every mechanism in turn)."""
+    def authenticate(self, mechanism: str, username: str, password: str, *, ok: bool) -> None:
+        """Make one AUTH exchange and record it; raise ScenarioError unless it ends `ok`.
+
+        One exchange, one Postfix warning: smtplib's login() would try each offered
+        mechanism in turn after a failure.
+        """
         self.smtp.user, self.smtp.password = username, password
         method: Callable[..., str] = {
             "PLAIN": self.smtp.auth_plain,
             "LOGIN": self.smtp.auth_login,
         }[mechanism]
         try:
-            self.smtp.auth(mechanism, method, initial_response_ok=mechanism == "PLAIN")
+            code, _ = self.smtp.auth(mechanism, method, initial_response_ok=mechanism == "PLAIN")
         except smtplib.SMTPAuthenticationError as exc:
             self.ledger.blocked.append(
-                Blocked(datetime.now(UTC), username.lower(), "sasl", self.client_ip)
+                Blocked(datetime.now(UTC), username, "sasl", self.client_ip)
             )
-            log.info("auth failed user=%s code=%d", username, exc.smtp_code)
-            return False
-        self.sasl_username = username
-        return True
+            code = exc.smtp_code
+        else:
+            self.sasl_username = username
+        log.info("auth mechanism=%s user=%s code=%d", mechanism, username, code)
+        expect(
+            (code == 235) == ok, f"AUTH {mechanism} as {username} to {'pass' if ok else 'fail'}"
+        )
 
-    def send(self, sender: str, recipients: list[str]) -> bool:
-        """Send one message; record it as submitted, blocked or refused. True if queued."""
+    def send(self, sender: str, recipients: list[str], *, queued: bool = True) -> None:
+        """Send one message and record what Postfix did with it.
+
+        Raise ScenarioError unless Postfix queued it (`queued`) or refused every
+        recipient (not `queued`).
+        """
         message_id = self.ledger.next_message_id()
         rcpts = tuple(recipients)
         content = build_message(sender, rcpts, message_id).as_bytes()
         try:
             refused = self.smtp.sendmail(sender, rcpts, content)
         except smtplib.SMTPRecipientsRefused as exc:
-            refused, queued = exc.recipients, False
+            refused, was_queued = exc.recipients, False
         else:
-            queued = True
+            was_queued = True
         now = datetime.now(UTC)
         for rcpt in refused:
             # One NOQUEUE line per refused RCPT.
             if self.service == "submission":
-                self.ledger.blocked.append(Blocked(now, sender.lower(), "noqueue", self.client_ip))
+                self.ledger.blocked.append(Blocked(now, sender, "noqueue", self.client_ip))
             else:
                 self.ledger.refused.append(Refused(now, sender, rcpt, self.client_ip))
         if refused:
             log.info("recipients refused sender=%s refused=%s", sender, refused)
-        if queued:
+        if was_queued:
             accepted = tuple(r for r in rcpts if r not in refused)
             self.ledger.submitted.append(
                 Submitted(
@@ -143,7 +164,10 @@ class Client:
                     self.sasl_username,
                 )
             )
-        return queued
+        expect(
+            was_queued == queued,
+            f"{message_id} from {sender} to be {'' if queued else 'not '}queued",
+        )
 
 
 @contextmanager

@@ -33,7 +33,7 @@ from email.message import EmailMessage, Message
 from email.parser import HeaderParser
 
 from sink import Answer, Received
-from traffic import Ledger, Submitted
+from traffic import Ledger, ScenarioError, Submitted
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +41,6 @@ COUNTERS = ("messages", "auth_rcv", "auth_blk", "sent", "bounced", "deferred", "
 TEMPFAIL = re.compile(r"tempfail(\d+)-")
 
 Truth = dict[str, dict[str, dict[str, int]]]
-
-
-class ScenarioError(RuntimeError):
-    """The run did not go as planned, so no truth can be written from it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +97,7 @@ def derive(ledger: Ledger, answers: list[Answer], received: list[Received]) -> T
         row["messages"] += 1
         row["auth_rcv"] += s.sasl_username is not None
     for b in ledger.blocked:
-        counts[b.key][day(b.at)]["auth_blk"] += 1
+        counts[sender_key(b.key)][day(b.at)]["auth_blk"] += 1
     for r in ledger.refused:
         # A refused sender is listed with zeros (unless it has counts of its own that day).
         counts[sender_key(r.sender)].setdefault(day(r.at), dict.fromkeys(COUNTERS, 0))

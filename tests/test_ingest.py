@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, report, run_cli, stamp, utc, write_log
-
 from mailtally.config import Config
 from mailtally.ingest import Ingester
 from mailtally.store import MIGRATIONS, open_reader, open_store
