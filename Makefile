@@ -2,6 +2,10 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_DB ?= demo.db
+# A real Postfix 3.7 log written by rsyslog (RFC 3339 stamps carry the year).
+DEMO_LOG ?= tests/data/scenario/mail.log.rfc3339
+DEMO_DAY ?= 2026-12-03
+DEMO_SINCE ?= 2026-11-27
 
 .PHONY: setup demo test lint bench clean
 
@@ -10,9 +14,10 @@ setup:
 
 demo: setup
 	rm -f $(DEMO_DB) $(DEMO_DB)-wal $(DEMO_DB)-shm
-	$(VENV)/bin/mailtally ingest --config etc/demo.yaml --db $(DEMO_DB) tests/data/scenario/mail.log
-	$(VENV)/bin/mailtally top --db $(DEMO_DB) --day all
-	$(VENV)/bin/mailtally report --db $(DEMO_DB) --sender heavy@campus.example --since 2026-12-01 --until 2026-12-07
+	$(VENV)/bin/mailtally -v ingest --config etc/demo.yaml --db $(DEMO_DB) $(DEMO_LOG)
+	$(VENV)/bin/mailtally top --config etc/demo.yaml --db $(DEMO_DB) --day $(DEMO_DAY)
+	$(VENV)/bin/mailtally report --config etc/demo.yaml --db $(DEMO_DB) \
+		--sender heavy@campus.example --since $(DEMO_SINCE) --until $(DEMO_DAY)
 
 test: setup
 	$(VENV)/bin/ruff format --check daemon tests bench scenario

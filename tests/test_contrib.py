@@ -1,0 +1,33 @@
+"""Shipped files an admin installs: systemd units pass systemd-analyze verify."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+
+UNITS = ROOT / "contrib" / "systemd"
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze missing")
+def test_ingest_units_verify(tmp_path: Path) -> None:
+    mailtally = Path(sys.executable).with_name("mailtally")
+    assert mailtally.exists(), "the package is not installed in this environment"
+    for unit in ("mailtally-ingest.service", "mailtally-ingest.timer"):
+        text = (UNITS / unit).read_text(encoding="utf-8")
+        (tmp_path / unit).write_text(
+            text.replace("/usr/local/bin/mailtally", str(mailtally)), encoding="utf-8"
+        )
+    proc = subprocess.run(
+        ["systemd-analyze", "verify", *(str(p) for p in sorted(tmp_path.iterdir()))],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.strip() == ""
