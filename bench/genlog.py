@@ -409,6 +409,7 @@ class Instance:
         self.removed: deque[str] = deque(maxlen=64)
         self.pools: dict[str, PidPool] = {}
         self.progs: dict[str, str] = {}
+        self.master_pid = host.new_pid()
         self.qmgr_pid = host.new_pid()
         self.pickup_pid = host.new_pid()
 
@@ -1153,6 +1154,7 @@ class World:
         pool = inst.pool("smtpd")
         pid = pool.acquire()
         client = f"unknown[{ip}]"
+        code = "454 4.7.1" if rng.random() < 0.7 else "554 5.7.1"  # defer_/reject_unauth_...
         yield line(t, inst, "smtpd", pid, f"connect from {client}", "connect")
         t = self.later(t, 0.2, 2)
         yield line(
@@ -1160,7 +1162,7 @@ class World:
             inst,
             "smtpd",
             pid,
-            f"NOQUEUE: reject: RCPT from {client}: 554 5.7.1 <{victim}>: Relay access"
+            f"NOQUEUE: reject: RCPT from {client}: {code} <{victim}>: Relay access"
             f" denied; from=<{spam}> to=<{victim}> proto=ESMTP helo=<{helo}>",
             "reject_noqueue",
         )
@@ -1199,7 +1201,10 @@ class World:
                 user = self.campus.draw()
             reply = f"553 5.7.1 <{sender}>: Sender address rejected: not owned by user {user}"
         else:
-            reply = f"554 5.7.1 <{victim}>: Relay access denied"
+            reply = rng.choice(
+                ("Recipient address rejected: Access denied", "Relay access denied")
+            )
+            reply = f"554 5.7.1 <{victim}>: {reply}"
         t = self.later(t, 0.1, 1)
         yield line(
             t,
@@ -1234,7 +1239,8 @@ class World:
         service = "submission/smtpd" if r < 0.6 else "smtps/smtpd" if r < 0.8 else "smtpd"
         pool = inst.pool(service)
         pid = pool.acquire()
-        if rng.random() < 0.2:
+        real = rng.random() < 0.2
+        if real:
             client = f"unknown[198.51.100.{rng.randrange(1, 255)}]"
             user = self.vary(self.campus.draw())
         else:
@@ -1256,6 +1262,9 @@ class World:
         tries = 1 if rng.random() < 0.6 else rng.randint(2, 4)
         for _ in range(tries):
             t = self.later(t, 0.5, 4)
+            if real and rng.random() < 0.7:  # libsasl adds this for a known user; no name
+                text = "warning: SASL authentication failure: Password verification failed"
+                yield line(t, inst, service, pid, text, "warning")
             effects: Effects = ((user.lower(), AUTH_BLK),)
             reason = f"authentication failure, sasl_username={user}"
             if rng.random() < 0.1:
@@ -1329,11 +1338,20 @@ class World:
         # anvil_status_update_time = 600s; postfix-out runs no anvil or scache of its own
         next_stats = t + self.us(600) if inst.name == "postfix" else 1 << 62
         rate = self.arrival_rate * NOISE_PER_ARRIVAL * (1 if inst.name == "postfix" else 0.1)
+        day = datetime.fromtimestamp(self.start // US, self.tz)
+        next_reload = int(day.replace(hour=6, minute=25, second=0).timestamp()) * US
+        next_reload = self.later(next_reload, 0, 60)
+        if next_reload < t:
+            next_reload += DAY_US
         while True:
             t += max(1, self.us(rng.expovariate(rate)))
-            if t >= next_stats:
-                t, next_stats = next_stats, self.later(next_stats, 600, 720)
-                yield from self.statistics(t, inst, anvil_pid, scache_pid)
+            if t >= min(next_reload, next_stats):  # the earlier of the two first
+                if next_reload < next_stats:  # logrotate's daily "postfix reload"
+                    t, next_reload = next_reload, self.later(next_reload + DAY_US, -30, 30)
+                    yield from self.reload(t, inst)
+                else:
+                    t, next_stats = next_stats, self.later(next_stats, 600, 720)
+                    yield from self.statistics(t, inst, anvil_pid, scache_pid)
                 t = self.now
                 continue
             r = rng.random()
@@ -1386,6 +1404,33 @@ class World:
                     f"CONNECT from [{ip}]:{rng.randrange(20_000, 65_000)}",
                     "noise",
                 )
+
+    def reload(self, t: int, inst: Instance) -> Proc:
+        """``postfix reload``: master restarts its children, so every service gets new pids."""
+        host = inst.host
+        yield (
+            t,
+            host.name,
+            inst.prog("postfix-script"),
+            host.new_pid(),
+            "refreshing the Postfix mail system",
+            "noise",
+            None,
+        )
+        yield self.line(
+            self.later(t, 0.01, 0.05),
+            inst,
+            "master",
+            inst.master_pid,
+            "reload -- version 3.7.11, configuration /etc/postfix"
+            if inst.name == "postfix"
+            else f"reload -- version 3.7.11, configuration /etc/{inst.name}",
+            "noise",
+        )
+        inst.qmgr_pid, inst.pickup_pid = host.new_pid(), host.new_pid()
+        for pool in inst.pools.values():
+            pool.cur = [host.new_pid() for _ in pool.cur]
+            pool.free.clear()
 
     def statistics(self, t: int, inst: Instance, anvil_pid: int, scache_pid: int) -> Proc:
         """anvil's and scache's periodic reports (they embed a year-less stamp)."""
@@ -1592,9 +1637,13 @@ class World:
         ndr.size = rng.randint(2500, 9000)
         stamp = datetime.fromtimestamp(t1 // US, self.tz).strftime("%Y%m%d%H%M%S")
         ndr.message_id = f"<{stamp}.{ndr.qid}@{inst.host.fqdn}>"
-        self.spawn(self.message_life(t1, ndr))
+        # The bounce line comes before or after the notification's cleanup line (both are
+        # in scenario/README.md's real logs).
+        t_bounce = self.later(t1, 0.0005, 0.005)
+        first = t1 if rng.random() < 0.5 else self.later(t_bounce, 0.0005, 0.005)
+        self.spawn(self.message_life(first, ndr))
         yield self.line(
-            self.later(t1, 0.0005, 0.005),
+            t_bounce,
             inst,
             "bounce",
             inst.pool("bounce").get(),
