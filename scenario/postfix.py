@@ -51,7 +51,6 @@ class PostfixInstance:
         self.log_dir = base / "log"
         self.maillog_file = self.log_dir / "postlogd.log"
         self.env = {**os.environ, "TZ": "UTC", "MAIL_CONFIG": str(self.config_dir)}
-        self.started = False
 
     def write_config(self) -> None:
         """Create the directories, main.cf, master.cf and the Cyrus SASL config."""
@@ -185,7 +184,6 @@ class PostfixInstance:
         """Start the master daemon (it forks into the background)."""
         self.postfix("check")
         self.postfix("start")
-        self.started = True
 
     def master_pid(self) -> int | None:
         """Return the running master's pid from its pid file, or None."""
@@ -197,19 +195,18 @@ class PostfixInstance:
         return None if process_gone(pid) else pid
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Stop the master and its children; kill them if they outlive `timeout`."""
-        if not self.started:
-            return
+        """Stop the master and its children if running; kill them if they outlive `timeout`."""
         pid = self.master_pid()
+        if pid is None:
+            return
         try:
             self.postfix("stop")
         except subprocess.CalledProcessError:
             log.warning("postfix stop failed; killing master pid=%s", pid)
-        if pid is not None and not wait_for_exit(pid, timeout):
+        if not wait_for_exit(pid, timeout):
             log.warning("postfix master outlived stop; killing pid=%s", pid)
             os.killpg(os.getpgid(pid), signal.SIGKILL)
             wait_for_exit(pid, 5.0)
-        self.started = False
 
     def queued_ids(self) -> list[str]:
         """Return the queue ids of messages not yet delivered, from `postqueue -j`."""

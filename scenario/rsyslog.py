@@ -137,7 +137,7 @@ class PostlogRelay(threading.Thread):
         try:
             while not self.path.exists():
                 if self.finish.wait(self.poll_interval):
-                    break
+                    return
             with self.path.open("rb") as stream:
                 while True:
                     finishing = self.finish.is_set()  # read once more after the signal
@@ -170,6 +170,12 @@ class PostlogRelay(threading.Thread):
             datagram = f"<{FACILITY_MAIL * 8 + severity}>{stamp} {match['tag']}: {text}"
         send_datagram(sock, datagram.encode())
         self.relayed += 1
+
+    def halt(self, timeout: float = 10.0) -> None:
+        """End the thread if it runs, without checking what it relayed (for clean-up)."""
+        self.finish.set()
+        if self.is_alive():
+            self.join(timeout)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Finish relaying what the file holds, then end the thread; re-raise its error."""

@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import FrameType
@@ -33,7 +34,7 @@ from mix import ACCOUNTS, MixOptions, play
 from postfix import PostfixInstance, PostfixSettings
 from rsyslog import PostlogRelay, Rsyslog
 from sink import Sink
-from traffic import Ledger, ScenarioError
+from traffic import Ledger
 from truth import check_outcome, derive
 
 log = logging.getLogger("scenario.run")
@@ -79,11 +80,13 @@ def preflight(needed: timedelta) -> str | None:
     return None
 
 
-def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that is free right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def free_ports(count: int) -> list[int]:
+    """Return `count` distinct TCP ports on 127.0.0.1 that are free right now."""
+    with ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in socks]
 
 
 def become_subreaper() -> None:
@@ -120,71 +123,93 @@ def write_outputs(out: Path, pf: PostfixInstance, rs: Rsyslog, truth: dict[str, 
     shutil.copy2(rs.traditional, out / "mail.log")
     shutil.copy2(rs.rfc3339, out / "mail.log.rfc3339")
     shutil.copy2(pf.maillog_file, out / "maillog_file.log")
-    (out / "truth.json").write_text(json.dumps(truth, indent=1, sort_keys=False) + "\n")
+    (out / "truth.json").write_text(json.dumps(truth, indent=1) + "\n")
+
+
+class Stack:
+    """The processes of one run: rsyslogd, the postlogd relay, the sink and Postfix.
+
+    Used as a context manager: leaving it stops whatever was started, in reverse
+    order, even if starting failed half way or one of the stops fails.
+    """
+
+    def __init__(self, base: Path, settings: PostfixSettings) -> None:
+        self.pf = PostfixInstance(base / "postfix", settings)
+        self.rs = Rsyslog(base / "rsyslog", SYSLOG_HOSTNAME)
+        self.relay = PostlogRelay(self.pf.maillog_file)
+        self.sink = Sink(settings.sink_port)
+        self.exits = ExitStack()
+
+    def __enter__(self) -> Stack:
+        with self.exits as exits:
+            self.pf.write_config()
+            for user, realm, password in ACCOUNTS:
+                self.pf.add_sasl_user(user, realm, password)
+            # Each stop is registered before its start, so a start that fails half way
+            # (rsyslogd up but /dev/log missing, master forked but startup failed) is undone.
+            for stop, start in (
+                (self.rs.stop, self.rs.start),
+                (self.relay.halt, self.relay.start),
+                (self.sink.stop, self.sink.start),
+                (self.pf.stop, self.pf.start),
+            ):
+                exits.callback(stop)
+                start()
+            self.exits = exits.pop_all()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.exits.close()
+
+    def drain(self) -> int:
+        """Stop Postfix, relay its last lines, wait until rsyslogd wrote them; return count."""
+        self.pf.stop()
+        self.relay.stop()
+        self.rs.wait_for_lines(self.relay.relayed)
+        if self.relay.unmatched:
+            log.warning("postlogd lines not in the usual form: %d", self.relay.unmatched)
+        return self.relay.relayed
 
 
 def scenario(args: argparse.Namespace, base: Path) -> None:
-    """Set everything up, play the mix, tear down, check the outcome, write the output."""
+    """Start the stack, play the mix, stop everything, check the outcome, write the output."""
     full = not args.short
     heavy = args.heavy if args.heavy is not None else (230 if full else 30)
+    smtp_port, submission_port, sink_port = free_ports(3)
     settings = PostfixSettings(
-        smtp_port=free_port(),
-        submission_port=free_port(),
-        sink_port=free_port(),
+        smtp_port=smtp_port,
+        submission_port=submission_port,
+        sink_port=sink_port,
         queue_lifetime=FULL_QUEUE_LIFETIME if full else SHORT_QUEUE_LIFETIME,
         maximal_backoff=10,
         long_queue_ids=args.long_queue_ids,
     )
-    pf = PostfixInstance(base / "postfix", settings)
-    rs = Rsyslog(base / "rsyslog", SYSLOG_HOSTNAME)
-    relay = PostlogRelay(pf.maillog_file)
-    sink = Sink(settings.sink_port)
     ledger = Ledger()
     started = datetime.now(UTC)
-    try:
-        pf.write_config()
-        for user, realm, password in ACCOUNTS:
-            pf.add_sasl_user(user, realm, password)
-        rs.start()
-        relay.start()
-        sink.start()
-        pf.start()
-        play(pf, ledger, MixOptions(heavy_messages=heavy, expiry=full))
-        wait_queue_empty(pf, (FULL_QUEUE_LIFETIME if full else 0) + 180.0)
-        pf.stop()
-        relay.stop()
-        rs.wait_for_lines(relay.relayed)
-    finally:
-        pf.stop()
-        sink.stop()
-        if relay.is_alive():
-            relay.finish.set()
-            relay.join(10.0)
-        rs.stop()
+    with Stack(base, settings) as stack:
+        play(stack.pf, ledger, MixOptions(heavy_messages=heavy, expiry=full))
+        wait_queue_empty(stack.pf, (FULL_QUEUE_LIFETIME if full else 0) + 180.0)
+        lines = stack.drain()
     finished = datetime.now(UTC)
+    if started.date() != finished.date():
+        log.warning("run crossed UTC midnight; truth has counts on both days")
 
-    answers, received = sink.handler.snapshot()
+    answers, received = stack.sink.handler.snapshot()
     check_outcome(ledger, answers, received, expiry=full)
-    senders = derive(ledger, answers, received)
-    if relay.unmatched:
-        log.warning("postlogd lines not in the usual form: %d", relay.unmatched)
-    truth = {
-        "timezone": "UTC",
-        "senders": senders,
-        "run": {
-            "started": started.isoformat(timespec="seconds"),
-            "finished": finished.isoformat(timespec="seconds"),
-            "short": args.short,
-            "heavy_messages": heavy,
-            "postfix": pf.mail_version,
-            "log_lines": relay.relayed,
-        },
+    run = {
+        "started": started.isoformat(timespec="seconds"),
+        "finished": finished.isoformat(timespec="seconds"),
+        "short": args.short,
+        "heavy_messages": heavy,
+        "postfix": stack.pf.mail_version,
+        "log_lines": lines,
     }
-    write_outputs(args.out, pf, rs, truth)
+    truth = {"timezone": "UTC", "senders": derive(ledger, answers, received), "run": run}
+    write_outputs(args.out, stack.pf, stack.rs, truth)
     log.info(
         "scenario done out=%s lines=%d seconds=%.0f",
         args.out,
-        relay.relayed,
+        lines,
         (finished - started).total_seconds(),
     )
 
@@ -210,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     base.chmod(0o755)  # Postfix daemons (user postfix) open files below it by path
     try:
         scenario(args, base)
-    except (ScenarioError, TimeoutError, subprocess.CalledProcessError, OSError) as exc:
+    except (RuntimeError, subprocess.CalledProcessError, OSError) as exc:  # ScenarioError too
         log.error("scenario failed: %s", exc)  # one line; -v adds the traceback
         log.debug("traceback", exc_info=True)
         return 1
