@@ -16,6 +16,12 @@ No log line is read here. Each counter of DESIGN.md's table comes from one place
               after maximal_queue_lifetime with recipients still deferred (Postfix
               logs one `status=expired` line per message, not per recipient).
 
+Why one sink answer is one Postfix delivery line: the sink refuses only at RCPT,
+where Postfix's smtp client logs one `status=` line per recipient per attempt. A
+refusal at connect, MAIL or DATA would make Postfix defer the whole site and log
+"delivery temporarily suspended" for later messages without contacting the sink,
+so the sink never does that.
+
 The day of each count is the UTC date of the event that caused it: the client's
 submission, the failed AUTH or reject, the sink's answer, the sink's receipt of the
 bounce. `check_outcome` verifies that every recipient ended as the sink's rules say

@@ -2,7 +2,9 @@
 
 tests/data/scenario/ holds one full run (see scenario/README.md): the same events in
 three log formats and truth.json, derived from what the clients did and what the
-sink answered. The `postfix` test makes a fresh short run and checks it the same way.
+sink answered. The `postfix` test makes a fresh short run and checks it the same way;
+it uses Postfix's long queue ids (enable_long_queue_ids), the committed run the short
+hex ones, so both forms are covered by real output.
 """
 
 from __future__ import annotations
@@ -154,7 +156,7 @@ def test_live_short_scenario_counts_match_truth(tmp_path: Path) -> None:
         pytest.skip(f"not installed: {', '.join(missing)} (tools/setup-debian.sh)")
     out = tmp_path / "run"
     proc = subprocess.run(
-        [sys.executable, str(RUN_SCENARIO), "--short", "--out", str(out)],
+        [sys.executable, str(RUN_SCENARIO), "--short", "--long-queue-ids", "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=600,
