@@ -204,7 +204,11 @@ def scenario(args: argparse.Namespace, base: Path) -> None:
         "postfix": stack.pf.mail_version,
         "log_lines": lines,
     }
-    truth = {"timezone": "UTC", "senders": derive(ledger, answers, received), "run": run}
+    truth: dict[str, object] = {
+        "timezone": "UTC",
+        "senders": derive(ledger, answers, received),
+        "run": run,
+    }
     write_outputs(args.out, stack.pf, stack.rs, truth)
     log.info(
         "scenario done out=%s lines=%d seconds=%.0f",

@@ -47,6 +47,7 @@ COUNTERS = ("messages", "auth_rcv", "auth_blk", "sent", "bounced", "deferred", "
 TEMPFAIL = re.compile(r"tempfail(\d+)-")
 
 Truth = dict[str, dict[str, dict[str, int]]]
+Counts = defaultdict[str, defaultdict[str, dict[str, int]]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,21 +93,26 @@ def parse_report(received: Received) -> Report | None:
     return Report(received.at, original.strip(), failed)
 
 
-def derive(ledger: Ledger, answers: list[Answer], received: list[Received]) -> Truth:
-    """Return {sender: {day: {counter: n}}} for everything the run did."""
-    counts: dict[str, dict[str, dict[str, int]]] = defaultdict(
-        lambda: defaultdict(lambda: dict.fromkeys(COUNTERS, 0))
-    )
-    by_id = {s.message_id: s for s in ledger.submitted}
+def new_counts() -> Counts:
+    """Return an empty {sender: {day: {counter: 0}}} that fills itself in on access."""
+    return defaultdict(lambda: defaultdict(lambda: dict.fromkeys(COUNTERS, 0)))
+
+
+def count_ledger(counts: Counts, ledger: Ledger) -> None:
+    """Add messages, auth_rcv and auth_blk: what the clients did."""
     for s in ledger.submitted:
         row = counts[sender_key(s.sender)][day(s.at)]
         row["messages"] += 1
         row["auth_rcv"] += s.sasl_username is not None
     for b in ledger.blocked:
         counts[sender_key(b.key)][day(b.at)]["auth_blk"] += 1
-    for r in ledger.refused:
+    for f in ledger.refused:
         # A refused sender is listed with zeros (unless it has counts of its own that day).
-        counts[sender_key(r.sender)].setdefault(day(r.at), dict.fromkeys(COUNTERS, 0))
+        counts[sender_key(f.sender)].setdefault(day(f.at), dict.fromkeys(COUNTERS, 0))
+
+
+def count_answers(counts: Counts, answers: list[Answer]) -> None:
+    """Add sent, bounced and deferred: one per answer the sink gave."""
     for a in answers:
         row = counts[sender_key(a.mail_from)][day(a.at)]
         if a.phase == "data":
@@ -115,18 +121,31 @@ def derive(ledger: Ledger, answers: list[Answer], received: list[Received]) -> T
             row["bounced"] += 1
         elif a.code >= 400:
             row["deferred"] += 1
-    bounce_ids = set()
+
+
+def count_bounces(counts: Counts, ledger: Ledger, received: list[Received]) -> None:
+    """Add the null sender's messages and the originals' expired, from the bounces."""
+    by_id = {s.message_id: s for s in ledger.submitted}
+    seen: set[str] = set()
     for r in received:
         if sender_key(r.mail_from) != "<>":
             continue
         message_id = str(r.message.get("Message-ID", ""))
-        if message_id not in bounce_ids:
-            bounce_ids.add(message_id)
+        if message_id not in seen:
+            seen.add(message_id)
             counts["<>"][day(r.at)]["messages"] += 1
         report = parse_report(r)
         if report and any(status.startswith("4.") for status in report.failed.values()):
             original = by_id[report.original_message_id]
             counts[sender_key(original.sender)][day(r.at)]["expired"] += 1
+
+
+def derive(ledger: Ledger, answers: list[Answer], received: list[Received]) -> Truth:
+    """Return {sender: {day: {counter: n}}} for everything the run did, sorted."""
+    counts = new_counts()
+    count_ledger(counts, ledger)
+    count_answers(counts, answers)
+    count_bounces(counts, ledger, received)
     return {
         sender: {d: dict(row) for d, row in sorted(days.items())}
         for sender, days in sorted(counts.items())
