@@ -268,7 +268,9 @@ def test_line_mix_has_what_a_real_multi_relay_log_has(small: dict[str, Any]) -> 
     assert hosts == {"relay1", "relay2", "relay3"}
     for needle in (
         "postfix/submission/smtpd[",
-        "postfix/smtps/smtpd[",
+        "postfix/submissions/smtpd[",
+        "postfix/relay/smtp[",
+        "postfix/error[",
         "postfix-out/smtp[",
         "postfix/lmtp[",
         "postfix/virtual[",
