@@ -15,7 +15,7 @@ from mailtally import __version__
 from mailtally.config import DEFAULT_PATH, Config, load_config
 from mailtally.correlate import COLUMNS
 from mailtally.errors import MailtallyError, UsageError
-from mailtally.ingest import Ingester, order_files
+from mailtally.ingest import Ingester, order_files, tune_gc
 from mailtally.report import (
     as_csv,
     as_json,
@@ -264,6 +264,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     config = _config(args)
     files = order_files(args.files)
     store = open_store(config.database)
+    tune_gc()
     try:
         ingester = Ingester(store, config, host=args.host)
         for path in files:

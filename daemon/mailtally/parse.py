@@ -22,6 +22,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, tzinfo
+from typing import cast
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ _QUEUE_ID_MIN, _QUEUE_ID_MAX = 5, 20
 _SHORT_ID_CHARS = "0123456789ABCDEF"
 _LONG_ID_CHARS = "0123456789BCDFGHJKLMNPQRSTVWXYZbcdfghjklmnpqrstvwxyz"
 
+_SIZE_NRCPT = re.compile(r"size=(\d+), nrcpt=(\d+)")
 _CLIENT = re.compile(r"(.*?)\[([^\]]*)\](?::\d+)?\Z")
 _SASL_FAIL = re.compile(
     r"warning: (.*?)\[([^\]]*)\](?::\d+)?: SASL (\S+) authentication failed: (.*?)"
@@ -215,6 +217,7 @@ Record = (
 )
 
 OTHER = Other()
+_UNSEEN = object()
 UNPARSED_HEADER = Unparsed("header")
 UNPARSED_TIMESTAMP = Unparsed("timestamp")
 UNPARSED_ENCODING = Unparsed("encoding")
@@ -260,6 +263,8 @@ class YearGuess:
 
 # A handler turns (stamp, host, service, daemon, message) into a record.
 _Handler = Callable[[str, str, str, str, str], "Record"]
+# What a syslog tag tells: host suffix, service, daemon, handler.
+_Names = tuple[str, str, str, _Handler]
 
 
 class LineParser:
@@ -282,7 +287,7 @@ class LineParser:
         self.syslog_names = syslog_names
         self.host = host
         self._stamps: dict[str, float | None] = {}
-        self._programs: dict[str, tuple[str, str, str, _Handler] | None] = {}
+        self._programs: dict[str, object] = {}  # tag -> names, None (foreign)
         self._handlers: dict[str, _Handler] = {
             "smtpd": self._smtpd,
             "qmgr": self._qmgr,
@@ -298,39 +303,46 @@ class LineParser:
             if len(line) > MAX_LINE:
                 return UNPARSED_LENGTH
             first = line[:1]
-            if "A" <= first <= "Z":  # "Dec  3 09:41:40 host prog: msg"
+            if "A" <= first <= "Z":  # "Dec  3 09:41:40 host prog[pid]: msg"
+                if line[_TRADITIONAL_LEN : _TRADITIONAL_LEN + 1] != " " or (
+                    line[:3] not in _MONTHS
+                ):
+                    return UNPARSED_HEADER
                 stamp = line[:_TRADITIONAL_LEN]
-                if stamp[:3] not in _MONTHS:
-                    return UNPARSED_HEADER
-                rest = line[_TRADITIONAL_LEN + 1 :]
-                if line[_TRADITIONAL_LEN : _TRADITIONAL_LEN + 1] != " ":
-                    return UNPARSED_HEADER
-                parts = rest.split(" ", 2)
+                start = _TRADITIONAL_LEN + 1
             elif "0" <= first <= "9":  # "2026-12-03T09:41:40.123456+00:00 host prog: msg"
-                stamp, _, rest = line.partition(" ")
+                start = line.find(" ") + 1
+                stamp = line[: start - 1]
                 if stamp[4:5] != "-" or stamp[10:11] != "T":
                     return UNPARSED_HEADER
-                parts = rest.split(" ", 2)
             else:
                 return UNPARSED_NUL if "\x00" in line else UNPARSED_HEADER
-            if len(parts) != 3 or parts[1][-1:] != ":":  # noqa: PLR2004 - host, tag, message
+            tag_at = line.find(" ", start) + 1
+            msg_at = line.find(" ", tag_at) + 1
+            if not tag_at or msg_at <= tag_at or line[msg_at - 2] != ":":
                 return UNPARSED_NUL if "\x00" in line else UNPARSED_HEADER
-            host, tag, msg = parts
-            bracket = tag.find("[")
-            program = tag[:bracket] if bracket > 0 else tag[:-1]
-            try:
-                known = self._programs[program]
-            except KeyError:
-                known = self._programs[program] = self._program(program)
+            tag = line[tag_at : msg_at - 1]
+            known = self._programs.get(tag, _UNSEEN)
+            if known is _UNSEEN:
+                known = self._program(tag)
             if known is None:
-                return Foreign(program)
-            suffix, service, daemon, handler = known
-            return handler(stamp, self.host or host + suffix, service, daemon, msg)
+                return Foreign(_program_name(tag))
+            suffix, service, daemon, handler = cast(_Names, known)
+            host = self.host or line[start : tag_at - 1] + suffix
+            return handler(stamp, host, service, daemon, line[msg_at:])
         except Exception:  # a parser bug must not stop ingestion; the line is counted
             log.exception("parser failed line=%.200r", line)
             return UNPARSED_HEADER
 
-    def _program(self, program: str) -> tuple[str, str, str, _Handler] | None:
+    def _program(self, tag: str) -> _Names | None:
+        """Classify a syslog tag (``postfix/smtpd[123]:``) and cache the answer."""
+        known = self._names(_program_name(tag))
+        if len(self._programs) > CACHE_LIMIT:  # one entry per process id seen
+            self._programs.clear()
+        self._programs[tag] = known
+        return known
+
+    def _names(self, program: str) -> _Names | None:
         parts = program.split("/")
         root = parts[0]
         if len(parts) < 2 or not any(  # noqa: PLR2004 - "postfix/daemon" at least
@@ -391,8 +403,10 @@ class LineParser:
 
     def _smtpd(self, stamp: str, host: str, service: str, daemon: str, msg: str) -> Record:
         colon = msg.find(": ")
+        if colon < _QUEUE_ID_MIN:
+            return OTHER  # connect, disconnect, lost connection, timeout ...
         qid = msg[:colon]
-        if colon > 0 and _is_queue_id(qid):
+        if colon <= _QUEUE_ID_MAX and _is_queue_id(qid):
             rest = msg[colon + 2 :]
             if rest[:7] == "client=":
                 return self._client(stamp, host, service, qid, rest)
@@ -454,13 +468,8 @@ class LineParser:
                 ts = self.timestamp(stamp)
                 if ts is None:
                     return UNPARSED_TIMESTAMP
-                size = nrcpt = 0
-                for field in tail.split(", "):
-                    key, _, value = field.partition("=")
-                    if key == "size":
-                        size = _int(value)
-                    elif key == "nrcpt":
-                        nrcpt = _int(value.partition(" ")[0])
+                m = _SIZE_NRCPT.match(tail)
+                size, nrcpt = (int(m.group(1)), int(m.group(2))) if m else (0, 0)
                 return Queued(ts, host, service, qid, sender, size, nrcpt)
             if tail[:14] == "status=expired":
                 ts = self.timestamp(stamp)
@@ -550,6 +559,12 @@ class LineParser:
         return Notification(ts, host, service, qid, kind, new_qid)
 
 
+def _program_name(tag: str) -> str:
+    """Return ``postfix/smtpd`` from the tag ``postfix/smtpd[123]:``."""
+    bracket = tag.find("[")
+    return tag[:bracket] if bracket > 0 else tag[:-1]
+
+
 def _is_queue_id(text: str) -> bool:
     """Tell a Postfix queue id: short hex ``7EE668039`` or long ``4LqTkN3Yzbz9vBq``.
 
@@ -569,7 +584,3 @@ def _angle(text: str, key: str) -> str | None:
     start += len(key)
     end = text.find(">", start)
     return text[start:end] if end >= 0 else None
-
-
-def _int(text: str) -> int:
-    return int(text) if text.isdigit() else 0
