@@ -9,7 +9,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -26,12 +26,12 @@ def message_lines(
     sender: str = "alice@campus.example",
     start_index: int = 0,
     form: str = "traditional",
-    step: float = 1.0,
+    start: datetime = START,
 ) -> list[str]:
-    """n complete messages, each with client, qmgr, one delivery and removed."""
+    """n complete messages, one second apart: client, qmgr, one delivery, removed."""
     out = []
     for i in range(start_index, start_index + n):
-        t = stamp(START + timedelta(seconds=i * step), form)
+        t = stamp(start + timedelta(seconds=i), form)
         qid = f"{0xA0000 + i:X}"
         out += [
             f"{t} relay1 postfix/smtpd[10]: {qid}: client=web.campus.example[10.0.0.5]",
@@ -304,3 +304,17 @@ def test_kill_9_during_ingest_loses_and_doubles_nothing(tmp_path: Path) -> None:
     run_cli("ingest", "--config", cfg, "--db", crashed, log)
     assert kills >= 1, "ingest finished before any kill; make the log longer"
     assert _counters(crashed) == expected
+
+
+def test_details_older_than_details_days_are_pruned(tmp_path: Path) -> None:
+    cfg = tmp_path / "keep.yaml"
+    cfg.write_text("timezone: UTC\ndetails_days: 35\n", encoding="utf-8")
+    recent = datetime.now(UTC) - timedelta(hours=1)
+    lines = message_lines(1, form="rfc3339", start=utc(2020, 1, 1, 8))
+    lines += message_lines(1, start_index=1, form="rfc3339", start=recent)
+    log = write_log(tmp_path / "mail.log", lines)
+    db = tmp_path / "tally.db"
+    run_cli("ingest", "--config", cfg, "--db", db, log)
+    conn = sqlite3.connect(db)
+    assert conn.execute("SELECT count(*) FROM details").fetchone()[0] == 1
+    assert conn.execute("SELECT sum(sent) FROM counters").fetchone()[0] == 2  # counters stay

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Sequence
 from datetime import date, datetime, timedelta, tzinfo
 from pathlib import Path
@@ -275,6 +276,9 @@ def cmd_ingest(args: argparse.Namespace) -> int:
                 result.lines,
                 result.skipped_bytes,
             )
+        pruned = store.prune_details(time.time() - config.details_days * 86400)
+        if pruned:
+            log.info("details pruned rows=%d older_than_days=%d", pruned, config.details_days)
         stats = ingester.correlator.stats
         if stats.unparsed:
             log.warning(

@@ -182,6 +182,17 @@ class Store:
                 conn.execute("ROLLBACK")
             raise StoreError(f"{self.path}: cannot commit batch: {exc}") from exc
 
+    def prune_details(self, before: float) -> int:
+        """Delete detail rows of days wholly before `before` (epoch s); return how many."""
+        try:
+            with self.conn:
+                cur = self.conn.execute(
+                    "DELETE FROM details WHERE bucket < ?", (int(before // DAY_SECONDS),)
+                )
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.path}: cannot prune details: {exc}") from exc
+        return cur.rowcount
+
     # -- reading ----------------------------------------------------------------
 
     def position(self, source: str) -> Position | None:
