@@ -23,6 +23,8 @@ import threading
 import time
 from pathlib import Path
 
+from traffic import ScenarioError
+
 log = logging.getLogger(__name__)
 
 DEV_LOG = Path("/dev/log")
@@ -185,6 +187,30 @@ class PostlogRelay(threading.Thread):
             raise TimeoutError(f"postlog relay did not finish within {timeout}s")
         if self.error is not None:
             raise self.error
+
+
+def line_bodies(path: Path) -> list[str]:
+    """Return the lines of a mail log without their timestamps (any of the three forms)."""
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    # An RFC 3339 stamp is one field, a syslog or postlogd stamp three (month, day, time).
+    return [line.split(None, 1 if line[:1].isdigit() else 3)[-1] for line in lines]
+
+
+def check_same_lines(count: int, *paths: Path) -> None:
+    """Raise ScenarioError unless every file holds the same `count` lines, stamps aside.
+
+    Catches lines that reached /dev/log from elsewhere and lines rsyslogd lost.
+    """
+    first, *others = (line_bodies(path) for path in paths)
+    if len(first) != count:
+        raise ScenarioError(f"{paths[0].name} has {len(first)} lines, {count} were relayed")
+    for path, bodies in zip(paths[1:], others, strict=True):
+        if bodies != first:
+            extra = sorted(set(bodies) ^ set(first))[:3]
+            raise ScenarioError(
+                f"{path.name} differs from {paths[0].name} "
+                f"({len(bodies)} vs {len(first)} lines), e.g. {extra}"
+            )
 
 
 def send_datagram(sock: socket.socket, data: bytes, timeout: float = 10.0) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import fcntl
 import json
 import logging
 import os
@@ -25,14 +26,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import FrameType
 
 from mix import ACCOUNTS, MixOptions, play
 from postfix import PostfixInstance, PostfixSettings
-from rsyslog import PostlogRelay, Rsyslog
+from rsyslog import PostlogRelay, Rsyslog, check_same_lines
 from sink import Sink
 from traffic import Ledger
 from truth import check_outcome, derive
@@ -43,6 +45,7 @@ PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
 FULL_QUEUE_LIFETIME = 60  # seconds a dead-* message stays queued in the full run
 SHORT_QUEUE_LIFETIME = 3600  # long enough that nothing expires in --short
 SYSLOG_HOSTNAME = "relay1"
+LOCK_TIMEOUT = 900.0  # seconds to wait for another run (a full run takes ~70)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -64,20 +67,53 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def preflight(needed: timedelta) -> str | None:
-    """Return why the scenario cannot run here, or None."""
+def missing_requirements() -> str | None:
+    """Return why the scenario cannot run on this host at all, or None."""
     if os.geteuid() != 0:
         return "must run as root (Postfix, /dev/log)"
     missing = [cmd for cmd in ("postfix", "rsyslogd", "saslpasswd2") if not shutil.which(cmd)]
     if missing:
         return f"not installed: {', '.join(missing)} (see tools/setup-debian.sh)"
+    return None
+
+
+def too_close_to_midnight(needed: timedelta) -> str | None:
+    """Return why the scenario should not start now, or None.
+
+    Counts are per day; a run across midnight would split them at slightly
+    different instants in the log and in the sink's clock.
+    """
     now = datetime.now(UTC)
     midnight = datetime.combine(now.date() + timedelta(days=1), datetime.min.time(), UTC)
     if midnight - now < needed:
-        # Counts are per day; a run across midnight would split them at slightly
-        # different instants in the log and in the sink's clock.
         return f"less than {needed} before UTC midnight; try again after 00:00 UTC"
     return None
+
+
+@contextmanager
+def exclusive_run(timeout: float) -> Iterator[None]:
+    """Hold the host-wide scenario lock: there is one /dev/log, so one run at a time.
+
+    Two runs at once would each move the other's /dev/log aside and mix their logs.
+    """
+    path = Path(tempfile.gettempdir()) / "mailtally-scenario.lock"
+    deadline = time.monotonic() + timeout
+    with path.open("a") as lock:
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"another scenario run held {path} for {timeout}s"
+                    ) from None
+                log.debug("waiting for another scenario run lock=%s", path)
+                time.sleep(0.5)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def free_ports(count: int) -> list[int]:
@@ -191,6 +227,7 @@ def scenario(args: argparse.Namespace, base: Path) -> None:
         wait_queue_empty(stack.pf, (FULL_QUEUE_LIFETIME if full else 0) + 180.0)
         lines = stack.drain()
     finished = datetime.now(UTC)
+    check_same_lines(lines, stack.rs.traditional, stack.rs.rfc3339, stack.pf.maillog_file)
     if started.date() != finished.date():
         log.warning("run crossed UTC midnight; truth has counts on both days")
 
@@ -229,26 +266,37 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd, per command
     os.environ["TZ"] = "UTC"
     time.tzset()
-    problem = preflight(timedelta(minutes=10 if args.short else 15))
+    problem = missing_requirements()
     if problem:
         print(f"scenario: {problem}", file=sys.stderr)
         return 2
     become_subreaper()
     signal.signal(signal.SIGTERM, exit_on_sigterm)
-    base = Path(tempfile.mkdtemp(prefix="mailtally-scenario-"))
-    base.chmod(0o755)  # Postfix daemons (user postfix) open files below it by path
     try:
-        scenario(args, base)
+        with exclusive_run(LOCK_TIMEOUT):
+            problem = too_close_to_midnight(timedelta(minutes=10 if args.short else 15))
+            if problem:
+                print(f"scenario: {problem}", file=sys.stderr)
+                return 2
+            run_in_temp_dir(args)
     except (RuntimeError, subprocess.CalledProcessError, OSError) as exc:  # ScenarioError too
         log.error("scenario failed: %s", exc)  # one line; -v adds the traceback
         log.debug("traceback", exc_info=True)
         return 1
+    return 0
+
+
+def run_in_temp_dir(args: argparse.Namespace) -> None:
+    """Run the scenario in a fresh temp dir, removed afterwards unless --keep."""
+    base = Path(tempfile.mkdtemp(prefix="mailtally-scenario-"))
+    base.chmod(0o755)  # Postfix daemons (user postfix) open files below it by path
+    try:
+        scenario(args, base)
     finally:
         if args.keep:
             log.info("kept temp dir=%s", base)
         else:
             shutil.rmtree(base, ignore_errors=True)
-    return 0
 
 
 if __name__ == "__main__":
