@@ -11,6 +11,15 @@ stamps are ``%b %d %H:%M:%S`` (``Dec 03 09:41:40``: zero-padded day, no year, no
 a SASL failure ends in ``, sasl_username=NAME`` or ``, sasl_username=(unavailable)``; an
 expired message is one qmgr line ``QID: from=<s>, status=expired, returned to sender``
 (no per-recipient line), followed by bounce's ``sender non-delivery notification``.
+Service names are Debian 12's master.cf: ``postfix/submission/smtpd`` (587),
+``postfix/submissions/smtpd`` (465) and ``postfix/relay/smtp`` (its ``syslog_name`` is
+``postfix/$service_name``); deferrals to a destination that qmgr has marked dead come
+from ``postfix/error``. As in the real logs of scenario/README.md, libsasl's nameless
+``SASL authentication failure: Password verification failed`` precedes a known user's
+failure, and bounce's notification line comes before or after the new message's cleanup.
+
+The truth also carries ``line_kinds`` (lines written per kind), ``recipients`` (recipients
+queued per sender) and the generator's parameters.
 
 Model: each relay runs a main ``postfix`` instance (relay1 and relay3 short queue ids,
 relay2 long ones); relay1 also runs ``postfix-out`` (long ids), fed by application servers.
@@ -475,23 +484,35 @@ class Truth:
             row = days[day] = [0] * 8
         row[col] += 1
 
-    def as_json(self) -> tuple[dict[str, Any], dict[str, int]]:
-        """Return (senders -> day -> counters, senders -> recipients queued)."""
-        senders: dict[str, Any] = {}
-        recipients: dict[str, int] = {}
+    def days(self, key: str) -> dict[str, dict[str, int]]:
+        """Return one sender's non-empty days: date -> the seven counters."""
+        rows = self.senders[key]
+        return {
+            d: dict(zip(COLUMNS, rows[d][:RCPTS], strict=True))
+            for d in sorted(rows)
+            if any(rows[d][:RCPTS])
+        }
+
+    def recipients(self) -> dict[str, int]:
+        """Return recipients queued (first qmgr line) per sender."""
+        out = {
+            k: sum(row[RCPTS] for row in self.senders[k].values()) for k in sorted(self.senders)
+        }
+        return {k: n for k, n in out.items() if n}
+
+    def write(self, fp: IO[str], head: dict[str, Any]) -> None:
+        """Write `head` and the counters as JSON, one sender a line, without building it all."""
+        fp.write("{\n")
+        for name, value in head.items():
+            fp.write(f" {json.dumps(name)}: {json.dumps(value, sort_keys=True)},\n")
+        fp.write(' "senders": {')
+        sep = "\n"
         for key in sorted(self.senders):
-            rows = self.senders[key]
-            days = {
-                d: dict(zip(COLUMNS, rows[d][:RCPTS], strict=True))
-                for d in sorted(rows)
-                if any(rows[d][:RCPTS])
-            }
+            days = self.days(key)
             if days:
-                senders[key] = days
-            n = sum(row[RCPTS] for row in rows.values())
-            if n:
-                recipients[key] = n
-        return senders, recipients
+                fp.write(f"{sep}  {json.dumps(key)}: {json.dumps(days, sort_keys=True)}")
+                sep = ",\n"
+        fp.write("\n }\n}\n")
 
 
 class World:
@@ -1655,10 +1676,14 @@ class World:
         )
 
 
-def generate(params: Params, out_path: Path, truth_path: Path | None = None) -> dict[str, Any]:
+def generate(
+    params: Params, out_path: Path, truth_path: Path | None = None, keep: bool = True
+) -> dict[str, Any]:
     """Write the log (gzip if the name ends in .gz) and the truth; return the truth.
 
-    The log's mtime is set to one second after its last line, as a live log's would be.
+    With ``keep=False`` the returned truth has no senders (it is only on disk), which keeps
+    the generator's memory flat for big files. The log's mtime is set to one second after
+    its last line, as a live log's would be.
     """
     if params.format not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {params.format!r}")
@@ -1674,19 +1699,20 @@ def generate(params: Params, out_path: Path, truth_path: Path | None = None) -> 
         world.run()
     last = world.last_t // US + 1
     os.utime(out_path, (last, last))
-    senders, recipients = world.truth.as_json()
-    truth = {
+    truth: dict[str, Any] = {
         "timezone": params.timezone,
         "generator": {**asdict(params), "version": GENERATOR_VERSION},
         "lines": world.written,
         "first_line": datetime.fromtimestamp(world.first_t / US, world.tz).isoformat(),
         "last_line": datetime.fromtimestamp(world.last_t / US, world.tz).isoformat(),
         "line_kinds": dict(sorted(world.kinds.items())),
-        "recipients": recipients,
-        "senders": senders,
+        "recipients": world.truth.recipients(),
     }
     if truth_path is not None:
-        truth_path.write_text(json.dumps(truth, sort_keys=True, indent=1) + "\n", encoding="utf-8")
+        with truth_path.open("w", encoding="utf-8") as fp:
+            world.truth.write(fp, truth)
+    keys = sorted(world.truth.senders) if keep else []
+    truth["senders"] = {k: days for k in keys if (days := world.truth.days(k))}
     return truth
 
 
@@ -1717,12 +1743,12 @@ def main(argv: list[str] | None = None) -> int:
         args.timezone,
     )
     try:
-        truth = generate(params, args.out, args.truth)
+        truth = generate(params, args.out, args.truth, keep=False)
     except ValueError as exc:
         ap.error(str(exc))
     print(
         f"genlog: {truth['lines']} lines, {truth['first_line']} .. {truth['last_line']},"
-        f" {len(truth['senders'])} senders -> {args.out}",
+        f" -> {args.out}",
         file=sys.stderr,
     )
     return 0

@@ -71,12 +71,7 @@ _HEAD = re.compile(
     r"(?:([A-Z][a-z]{2}) ([ 0-3]\d) \S+|(\d{4})-(\d\d)-(\d\d)T\S+)"
     r" (\S+) ([^\[\s]+)\[\d+\]: (.*)"
 )
-_MONTHS = {
-    m: i
-    for i, m in enumerate(
-        ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"), 1
-    )
-}
+_MONTHS = {m: i for i, m in enumerate(genlog.MONTHS, 1)}
 
 
 def count_by_design(path: Path, first_year: int) -> dict[str, dict[str, dict[str, int]]]:
