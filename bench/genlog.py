@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import IO, Any
 from zoneinfo import ZoneInfo
 
-GENERATOR_VERSION = 2  # bump whenever the output for given params changes
+GENERATOR_VERSION = 3  # bump whenever the output for given params changes
 FORMATS = ("traditional", "rfc3339", "postlogd")
 DEFAULT_START = "2026-12-03T00:00:00+00:00"
 MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
@@ -261,6 +261,7 @@ SYSTEM_SENDERS = (
     "no-reply@portal.campus.example",
 )
 WEBMAIL = "webmail.campus.example[10.0.0.25]"
+STORE = "mx.campus.example[10.0.0.20]:25"  # the mail store's SMTP side, used by postfix-out
 
 Effects = tuple[tuple[str, int], ...] | None
 # (time, host or None for a wake-up, program, pid, text, kind, truth effects)
@@ -1042,7 +1043,7 @@ class World:
                         self.locals.draw(),
                         None,
                         "smtp",
-                        "mx.campus.example[10.0.0.20]:25",
+                        STORE,
                         1,
                         "sent",
                         "",
@@ -1650,6 +1651,9 @@ class World:
         dom = msg.key.partition("@")[2]
         if dom in self.domain_info:
             rcpt = self.rcpt_external(msg.sender, dom, error_ok=False)
+        elif inst is self.out_inst:  # postfix-out hands campus mail to the store over SMTP
+            text = f"250 2.0.0 Ok: queued as {rng.getrandbits(36):09X}"
+            rcpt = Rcpt(msg.sender, None, "smtp", STORE, 1, "sent", "", text, "2.0.0")
         elif dom.endswith("campus.example") and not dom.startswith("relay"):
             rcpt = self.rcpt_local(msg.sender, quota_ok=False)
         else:
@@ -1747,7 +1751,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         ap.error(str(exc))
     print(
-        f"genlog: {truth['lines']} lines, {truth['first_line']} .. {truth['last_line']},"
+        f"genlog: {truth['lines']} lines, {truth['first_line']} .. {truth['last_line']}"
         f" -> {args.out}",
         file=sys.stderr,
     )
