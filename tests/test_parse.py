@@ -374,3 +374,27 @@ def test_corpus_line_parses(case: Path) -> None:
 def test_corpus_is_present_in_ci() -> None:
     if os.environ.get("CI"):
         assert _corpus_cases(), f"no corpus at {CORPUS}"
+
+
+def test_longest_queue_id_and_status_line_from_any_daemon() -> None:
+    p = parser()
+    qid = "4" * 20
+    rec = p.parse(f"Dec  3 09:00:00 r postfix/qmgr[1]: {qid}: removed")
+    assert isinstance(rec, Removed)
+    assert rec.queue_id == qid
+    # An older master.cf names the relay transport "relay" without a syslog_name.
+    rec = p.parse(
+        "Dec  3 09:00:00 r postfix/relay[1]: ABCDEF12: to=<a@b.example>, relay=mx[1.2.3.4]:25, "
+        "delay=1, delays=1/0/0/0, dsn=2.0.0, status=sent (250 ok)"
+    )
+    assert isinstance(rec, Delivery)
+    assert (rec.transport, rec.status) == ("relay", "sent")
+
+
+def test_sasl_username_unavailable_is_no_username() -> None:
+    rec = parser().parse(
+        "Dec  3 09:00:00 r postfix/smtpd[2]: warning: unknown[192.0.2.7]: SASL LOGIN "
+        "authentication failed: Invalid authentication mechanism, sasl_username=(unavailable)"
+    )
+    assert isinstance(rec, AuthFailure)
+    assert rec.username is None

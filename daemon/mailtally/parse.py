@@ -261,9 +261,10 @@ class YearGuess:
             return None
 
 
-# A handler turns (stamp, host, service, daemon, message) into a record.
-_Handler = Callable[[str, str, str, str, str], "Record"]
-# What a syslog tag tells: host suffix, service, daemon, handler.
+# A handler reads (line, message start, host start, tag start, names) into a record;
+# it scans the line in place (find/startswith at offsets) and slices only what it keeps.
+_Handler = Callable[[str, int, int, int, "_Names"], "Record"]
+# What a syslog tag tells: host suffix (second instance), service, daemon, handler.
 _Names = tuple[str, str, str, _Handler]
 
 
@@ -287,7 +288,7 @@ class LineParser:
         self.syslog_names = syslog_names
         self.host = host
         self._stamps: dict[str, float | None] = {}
-        self._programs: dict[str, object] = {}  # tag -> names, None (foreign)
+        self._programs: dict[str, object] = {}  # tag -> _Names, or None (foreign)
         self._handlers: dict[str, _Handler] = {
             "smtpd": self._smtpd,
             "qmgr": self._qmgr,
@@ -308,28 +309,25 @@ class LineParser:
                     line[:3] not in _MONTHS
                 ):
                     return UNPARSED_HEADER
-                stamp = line[:_TRADITIONAL_LEN]
-                start = _TRADITIONAL_LEN + 1
+                h = _TRADITIONAL_LEN + 1
             elif "0" <= first <= "9":  # "2026-12-03T09:41:40.123456+00:00 host prog: msg"
-                start = line.find(" ") + 1
-                stamp = line[: start - 1]
-                if stamp[4:5] != "-" or stamp[10:11] != "T":
+                h = line.find(" ") + 1
+                if line[4:5] != "-" or line[10:11] != "T" or not h:
                     return UNPARSED_HEADER
             else:
                 return UNPARSED_NUL if "\x00" in line else UNPARSED_HEADER
-            tag_at = line.find(" ", start) + 1
-            msg_at = line.find(" ", tag_at) + 1
-            if not tag_at or msg_at <= tag_at or line[msg_at - 2] != ":":
+            t = line.find(" ", h) + 1
+            m = line.find(" ", t) + 1
+            if not t or m <= t or line[m - 2] != ":":
                 return UNPARSED_NUL if "\x00" in line else UNPARSED_HEADER
-            tag = line[tag_at : msg_at - 1]
-            known = self._programs.get(tag, _UNSEEN)
-            if known is _UNSEEN:
-                known = self._program(tag)
-            if known is None:
+            tag = line[t : m - 1]
+            names = self._programs.get(tag, _UNSEEN)
+            if names is _UNSEEN:
+                names = self._program(tag)
+            if names is None:
                 return Foreign(_program_name(tag))
-            suffix, service, daemon, handler = cast(_Names, known)
-            host = self.host or line[start : tag_at - 1] + suffix
-            return handler(stamp, host, service, daemon, line[msg_at:])
+            known = cast(_Names, names)
+            return known[3](line, m, h, t, known)
         except Exception:  # a parser bug must not stop ingestion; the line is counted
             log.exception("parser failed line=%.200r", line)
             return UNPARSED_HEADER
@@ -390,173 +388,224 @@ class LineParser:
             parsed = parsed.replace(tzinfo=self.years.tz)
         return parsed.timestamp()
 
-    # -- per-daemon handlers: (stamp, host, service, daemon, message) -> record --------
+    def _host(self, line: str, h: int, t: int, names: _Names) -> str:
+        return self.host or line[h : t - 1] + names[0]
 
-    def _any(self, stamp: str, host: str, service: str, daemon: str, msg: str) -> Record:
-        # postsuper and any other program may remove a queue file.
-        if msg[-9:] == ": removed":
-            qid = msg[:-9]
-            if _is_queue_id(qid):
-                ts = self.timestamp(stamp)
-                return UNPARSED_TIMESTAMP if ts is None else Removed(ts, host, service, qid)
-        return OTHER
+    # -- per-daemon handlers ----------------------------------------------------
 
-    def _smtpd(self, stamp: str, host: str, service: str, daemon: str, msg: str) -> Record:
-        colon = msg.find(": ")
-        if colon < _QUEUE_ID_MIN:
-            return OTHER  # connect, disconnect, lost connection, timeout ...
-        qid = msg[:colon]
-        if colon <= _QUEUE_ID_MAX and _is_queue_id(qid):
-            rest = msg[colon + 2 :]
-            if rest[:7] == "client=":
-                return self._client(stamp, host, service, qid, rest)
-            if rest[:8] == "reject: " or rest[:15] == "milter-reject: ":
-                return self._reject(stamp, host, service, qid, rest)
+    def _any(self, line: str, m: int, h: int, t: int, names: _Names) -> Record:
+        """Any daemon: ``QID: removed`` (postsuper) or a ``to=<...>, status=`` line."""
+        at = _queue_id_end(line, m)
+        if at < 0:
             return OTHER
-        if msg[:9] == "NOQUEUE: ":
-            return self._reject(stamp, host, service, None, msg[9:])
-        if msg[:9] == "warning: " and "authentication failed" in msg:
-            m = _SASL_FAIL.match(msg)
-            if m is None:
-                return OTHER
-            ts = self.timestamp(stamp)
+        if line.startswith("to=", at):
+            return self._delivery(line, m, h, t, names)
+        if len(line) - at == len("removed") and line.endswith("removed"):
+            ts = self.timestamp(line[: h - 1])
             if ts is None:
                 return UNPARSED_TIMESTAMP
-            name, addr, method, reason, user = m.groups()
-            return AuthFailure(ts, host, service, name, addr, method, reason, user or None)
+            return Removed(ts, self._host(line, h, t, names), names[1], line[m : at - 2])
         return OTHER
 
-    def _client(self, stamp: str, host: str, service: str, qid: str, rest: str) -> Record:
-        fields = rest.split(", ")
-        m = _CLIENT.match(fields[0], 7)
-        if m is None:
+    def _smtpd(self, line: str, m: int, h: int, t: int, names: _Names) -> Record:
+        at = _queue_id_end(line, m)
+        if at >= 0:
+            if line.startswith("client=", at):
+                return self._client(line, m, h, t, names, at)
+            if line.startswith(("reject: ", "milter-reject: "), at):
+                return self._reject(line, h, t, names, line[m : at - 2], at)
             return OTHER
-        ts = self.timestamp(stamp)
+        if line.startswith("NOQUEUE: ", m):
+            return self._reject(line, h, t, names, None, m + 9)
+        if line.startswith("warning: ", m) and line.find("authentication failed", m) > 0:
+            match = _SASL_FAIL.match(line, m)
+            if match is None:
+                return OTHER
+            ts = self.timestamp(line[: h - 1])
+            if ts is None:
+                return UNPARSED_TIMESTAMP
+            name, addr, method, reason, user = match.groups()
+            if user == "(unavailable)":  # Postfix did not learn the name
+                user = None
+            return AuthFailure(
+                ts,
+                self._host(line, h, t, names),
+                names[1],
+                name,
+                addr,
+                method,
+                reason,
+                user or None,
+            )
+        return OTHER
+
+    def _client(self, line: str, m: int, h: int, t: int, names: _Names, at: int) -> Record:
+        fields = line[at + 7 :].split(", ")
+        match = _CLIENT.match(fields[0])
+        if match is None:
+            return OTHER
+        ts = self.timestamp(line[: h - 1])
         if ts is None:
             return UNPARSED_TIMESTAMP
         method = user = None
         for field in fields[1:]:
-            if field[:12] == "sasl_method=":
+            if field.startswith("sasl_method="):
                 method = field[12:] or None
-            elif field[:14] == "sasl_username=":
+            elif field.startswith("sasl_username="):
                 user = field[14:] or None
-        return Client(ts, host, service, qid, m.group(1), m.group(2), method, user)
+        host = self._host(line, h, t, names)
+        qid = line[m : at - 2]
+        return Client(ts, host, names[1], qid, match.group(1), match.group(2), method, user)
 
-    def _reject(self, stamp: str, host: str, service: str, qid: str | None, rest: str) -> Record:
-        m = _REJECT.match(rest)
-        if m is None:
+    def _reject(
+        self, line: str, h: int, t: int, names: _Names, qid: str | None, at: int
+    ) -> Record:
+        match = _REJECT.match(line, at)
+        if match is None:
             return OTHER
-        ts = self.timestamp(stamp)
+        ts = self.timestamp(line[: h - 1])
         if ts is None:
             return UNPARSED_TIMESTAMP
-        _, stage, name, addr, reply, envelope = m.groups()
+        _, stage, name, addr, reply, envelope = match.groups()
         sender, recipient = _angle(envelope, "from=<"), _angle(envelope, "to=<")
-        return Reject(ts, host, service, qid, stage, name, addr, reply, sender, recipient)
+        host = self._host(line, h, t, names)
+        return Reject(ts, host, names[1], qid, stage, name, addr, reply, sender, recipient)
 
-    def _qmgr(self, stamp: str, host: str, service: str, daemon: str, msg: str) -> Record:
-        colon = msg.find(": ")
-        qid = msg[:colon]
-        if colon <= 0 or not _is_queue_id(qid):
+    def _qmgr(self, line: str, m: int, h: int, t: int, names: _Names) -> Record:
+        at = _queue_id_end(line, m)
+        if at < 0:
             return OTHER
-        rest = msg[colon + 2 :]
-        if rest[:6] == "from=<":
-            end = rest.find(">, ", 6)
+        if line.startswith("from=<", at):
+            end = line.find(">, ", at + 6)
             if end < 0:
                 return OTHER
-            sender, tail = rest[6:end], rest[end + 3 :]
-            if tail[:5] == "size=":
-                ts = self.timestamp(stamp)
+            rest = end + 3
+            if line.startswith("size=", rest):
+                ts = self.timestamp(line[: h - 1])
                 if ts is None:
                     return UNPARSED_TIMESTAMP
-                m = _SIZE_NRCPT.match(tail)
-                size, nrcpt = (int(m.group(1)), int(m.group(2))) if m else (0, 0)
-                return Queued(ts, host, service, qid, sender, size, nrcpt)
-            if tail[:14] == "status=expired":
-                ts = self.timestamp(stamp)
-                return (
-                    UNPARSED_TIMESTAMP if ts is None else Expired(ts, host, service, qid, sender)
+                match = _SIZE_NRCPT.match(line, rest)
+                size, nrcpt = (int(match.group(1)), int(match.group(2))) if match else (0, 0)
+                return Queued(
+                    ts,
+                    self._host(line, h, t, names),
+                    names[1],
+                    line[m : at - 2],
+                    line[at + 6 : end],
+                    size,
+                    nrcpt,
+                )
+            if line.startswith("status=expired", rest):
+                ts = self.timestamp(line[: h - 1])
+                if ts is None:
+                    return UNPARSED_TIMESTAMP
+                return Expired(
+                    ts,
+                    self._host(line, h, t, names),
+                    names[1],
+                    line[m : at - 2],
+                    line[at + 6 : end],
                 )
             return OTHER
-        if rest == "removed":
-            ts = self.timestamp(stamp)
-            return UNPARSED_TIMESTAMP if ts is None else Removed(ts, host, service, qid)
-        return OTHER
+        return self._any(line, m, h, t, names)
 
-    def _delivery(self, stamp: str, host: str, service: str, daemon: str, msg: str) -> Record:
-        colon = msg.find(": ")
-        qid = msg[:colon]
-        if colon <= 0 or not _is_queue_id(qid):
+    def _delivery(self, line: str, m: int, h: int, t: int, names: _Names) -> Record:
+        at = _queue_id_end(line, m)
+        if at < 0:
             return OTHER
-        rest = msg[colon + 2 :]
-        if rest[:3] != "to=":
-            return self._any(stamp, host, service, daemon, msg)
-        cut = rest.find(", status=")
+        if not line.startswith("to=", at):
+            return self._any(line, m, h, t, names)
+        cut = line.find(", status=", at)
         if cut < 0:
             return OTHER
-        fields, tail = rest[:cut], rest[cut + 9 :]
         # The recipient may hold ", " inside a quoted local part: take it up to ">, ".
-        if fields[:4] == "to=<":
-            end = fields.find(">, ")
+        if line.startswith("to=<", at):
+            end = line.find(">, ", at, cut + 2)
             if end < 0:
                 return OTHER
-            recipient, fields = fields[4:end], fields[end + 3 :]
+            recipient, fields = line[at + 4 : end], line[end + 3 : cut]
         else:  # local(8) may log a bare address: "to=user@host, orig_to=..."
-            recipient, _, fields = fields[3:].partition(", ")
+            recipient, _, fields = line[at + 3 : cut].partition(", ")
         orig_to = None
         relay = dsn = ""
         for field in fields.split(", "):
-            key, _, value = field.partition("=")
-            if key == "relay":
-                relay = value
-            elif key == "dsn":
-                dsn = value
-            elif key == "orig_to":
-                orig_to = value.strip("<>")
-        status, _, text = tail.partition(" ")
-        if status[-1:] == ",":  # "status=expired, returned to sender"
+            if field.startswith("relay="):
+                relay = field[6:]
+            elif field.startswith("dsn="):
+                dsn = field[4:]
+            elif field.startswith("orig_to="):
+                orig_to = field[8:].strip("<>")
+        space = line.find(" ", cut + 9)
+        if space < 0:
+            status, text = line[cut + 9 :], ""
+        else:
+            status, text = line[cut + 9 : space], line[space + 1 :]
+        if status.endswith(","):  # "status=expired, returned to sender"
             status = status[:-1]
-        if text[:1] == "(" and text[-1:] == ")":
+        if text.startswith("(") and text.endswith(")"):
             text = text[1:-1]
-        ts = self.timestamp(stamp)
+        ts = self.timestamp(line[: h - 1])
         if ts is None:
             return UNPARSED_TIMESTAMP
         return Delivery(
-            ts, host, service, qid, daemon, recipient, orig_to, relay, dsn, status, text
+            ts,
+            self._host(line, h, t, names),
+            names[1],
+            line[m : at - 2],
+            names[2],
+            recipient,
+            orig_to,
+            relay,
+            dsn,
+            status,
+            text,
         )
 
-    def _pickup(self, stamp: str, host: str, service: str, daemon: str, msg: str) -> Record:
-        colon = msg.find(": ")
-        qid = msg[:colon]
-        rest = msg[colon + 2 :]
-        if colon <= 0 or rest[:4] != "uid=" or not _is_queue_id(qid):
+    def _pickup(self, line: str, m: int, h: int, t: int, names: _Names) -> Record:
+        at = _queue_id_end(line, m)
+        if at < 0 or not line.startswith("uid=", at):
             return OTHER
-        uid, _, sender = rest[4:].partition(" from=<")
-        ts = self.timestamp(stamp)
+        uid, _, sender = line[at + 4 :].partition(" from=<")
+        ts = self.timestamp(line[: h - 1])
         if ts is None:
             return UNPARSED_TIMESTAMP
-        return Pickup(ts, host, service, qid, uid, sender.removesuffix(">"))
+        host = self._host(line, h, t, names)
+        return Pickup(ts, host, names[1], line[m : at - 2], uid, sender.removesuffix(">"))
 
-    def _cleanup(self, stamp: str, host: str, service: str, daemon: str, msg: str) -> Record:
-        colon = msg.find(": ")
-        qid = msg[:colon]
-        if colon <= 0 or not _is_queue_id(qid):
+    def _cleanup(self, line: str, m: int, h: int, t: int, names: _Names) -> Record:
+        at = _queue_id_end(line, m)
+        if at < 0 or line.startswith("message-id=", at):
             return OTHER
-        rest = msg[colon + 2 :]
-        if rest[:8] == "reject: " or rest[:15] == "milter-reject: ":
-            return self._reject(stamp, host, service, qid, rest)
-        return self._any(stamp, host, service, daemon, msg)
+        if line.startswith(("reject: ", "milter-reject: "), at):
+            return self._reject(line, h, t, names, line[m : at - 2], at)
+        return self._any(line, m, h, t, names)
 
-    def _bounce(self, stamp: str, host: str, service: str, daemon: str, msg: str) -> Record:
-        colon = msg.find(": ")
-        qid = msg[:colon]
-        rest = msg[colon + 2 :]
-        if colon <= 0 or " notification: " not in rest or not _is_queue_id(qid):
+    def _bounce(self, line: str, m: int, h: int, t: int, names: _Names) -> Record:
+        at = _queue_id_end(line, m)
+        if at < 0:
             return OTHER
-        kind, _, new_qid = rest.partition(" notification: ")
-        ts = self.timestamp(stamp)
+        kind_end = line.find(" notification: ", at)
+        if kind_end < 0:
+            return OTHER
+        ts = self.timestamp(line[: h - 1])
         if ts is None:
             return UNPARSED_TIMESTAMP
-        return Notification(ts, host, service, qid, kind, new_qid)
+        return Notification(
+            ts,
+            self._host(line, h, t, names),
+            names[1],
+            line[m : at - 2],
+            line[at:kind_end],
+            line[kind_end + 15 :],
+        )
+
+
+def _queue_id_end(line: str, m: int) -> int:
+    """Return where the text after ``QID: `` starts if the message at `m` has one, else -1."""
+    colon = line.find(": ", m, m + _QUEUE_ID_MAX + 2)
+    if colon - m < _QUEUE_ID_MIN or not _is_queue_id(line[m:colon]):
+        return -1
+    return colon + 2
 
 
 def _program_name(tag: str) -> str:
