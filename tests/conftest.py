@@ -17,6 +17,22 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data"
 
 
+def _check_compiled_modules() -> None:
+    """Stop at once if a mypyc-compiled module is older than its source.
+
+    Python imports the compiled parse/correlate/ingest before their .py files; after an
+    edit they must be rebuilt (``make setup``), or the tests would test the old code.
+    """
+    package = ROOT / "daemon" / "mailtally"
+    for compiled in package.glob("*.so"):
+        source = package / (compiled.name.split(".", 1)[0] + ".py")
+        if source.exists() and source.stat().st_mtime > compiled.stat().st_mtime:
+            pytest.exit(f"{compiled.name} is older than {source.name}: run 'make setup'", 2)
+
+
+_check_compiled_modules()
+
+
 def stamp(ts: datetime, form: str = "traditional") -> str:
     """Format a syslog header stamp the way rsyslog or postlogd writes it."""
     if form == "traditional":

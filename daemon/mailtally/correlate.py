@@ -20,7 +20,6 @@ from mailtally.parse import (
     Delivery,
     Expired,
     Foreign,
-    Notification,
     Pickup,
     Queued,
     Record,
@@ -143,19 +142,6 @@ class Correlator:
         self._details: list[DetailRow] = []
         self._dirty: set[tuple[str, str]] = set()
         self._gone: set[tuple[str, str]] = set()
-        self._feeds = {
-            Client: self._client,
-            Pickup: self._pickup,
-            Queued: self._queued,
-            Delivery: self._delivery,
-            Expired: self._expired,
-            Removed: self._removed,
-            Reject: self._reject,
-            AuthFailure: self._auth_failure,
-            Notification: self._ignore,
-            Foreign: self._foreign,
-            Unparsed: self._unparsed,
-        }
 
     def restore(self, messages: Iterable[OpenMessage]) -> None:
         """Load open messages persisted by an earlier run, oldest first."""
@@ -167,16 +153,39 @@ class Correlator:
     def feed(self, rec: Record) -> None:
         """Account for one record."""
         self.stats.records += 1
-        if rec is not OTHER:
-            self._feeds[type(rec)](rec)  # type: ignore[operator]
+        self._one(rec)
 
     def feed_all(self, records: list[Record]) -> None:
-        """Account for a list of records, in order (the fast path of `feed`)."""
+        """Account for a list of records, in order."""
         self.stats.records += len(records)
-        feeds = self._feeds
         for rec in records:
             if rec is not OTHER:
-                feeds[type(rec)](rec)  # type: ignore[operator]
+                self._one(rec)
+
+    def _one(self, rec: Record) -> None:
+        # Most frequent first; an isinstance chain compiles to plain type checks.
+        if isinstance(rec, Delivery):
+            self._delivery(rec)
+        elif isinstance(rec, Queued):
+            self._queued(rec)
+        elif isinstance(rec, Removed):
+            self._removed(rec)
+        elif isinstance(rec, Client):
+            self._client(rec)
+        elif isinstance(rec, Reject):
+            self._reject(rec)
+        elif isinstance(rec, AuthFailure):
+            self._auth_failure(rec)
+        elif isinstance(rec, Pickup):
+            self._pickup(rec)
+        elif isinstance(rec, Expired):
+            self._expired(rec)
+        elif isinstance(rec, Foreign):
+            self.stats.foreign += 1
+        elif isinstance(rec, Unparsed):
+            unparsed = self.stats.unparsed
+            unparsed[rec.reason] = unparsed.get(rec.reason, 0) + 1
+        # Other and Notification change no counter.
 
     def take(self) -> Batch:
         """Return and forget everything that changed since the last call."""
@@ -385,16 +394,6 @@ class Correlator:
                 f"SASL {rec.method} authentication failed: {rec.reason}",
             )
         )
-
-    def _ignore(self, rec: Record) -> None:
-        pass
-
-    def _foreign(self, rec: Record) -> None:
-        self.stats.foreign += 1
-
-    def _unparsed(self, rec: Unparsed) -> None:
-        unparsed = self.stats.unparsed
-        unparsed[rec.reason] = unparsed.get(rec.reason, 0) + 1
 
     # -- bounds -----------------------------------------------------------------
 

@@ -178,12 +178,14 @@ class Ingester:
         result: FileResult,
     ) -> None:
         parser = LineParser(self.tz, mtime, tuple(self.config.ingest.syslog_names), host=self.host)
-        parse, feed_all = parser.parse, self.correlator.feed_all
+        correlator = self.correlator
         batch_lines = self.config.ingest.batch_lines
         pending = 0
         offset = start
         for consumed, lines in read_blocks(stream, final=final):
-            feed_all([parse(line) if line is not None else UNPARSED_ENCODING for line in lines])
+            correlator.feed_all(
+                [parser.parse(line) if line is not None else UNPARSED_ENCODING for line in lines]
+            )
             pending += len(lines)
             result.lines += len(lines)
             offset = start + consumed
@@ -210,12 +212,11 @@ def bench_parse(path: Path, config: Config | None = None) -> int:
     tune_gc()
     config = config or Config(timezone="UTC")
     parser = LineParser(config.tz(), path.stat().st_mtime)
-    parse = parser.parse
     count = 0
     with open_log(path) as stream:
         for _, lines in read_blocks(stream, final=True):
             for line in lines:
-                parse(line) if line is not None else UNPARSED_ENCODING
+                parser.parse(line) if line is not None else UNPARSED_ENCODING
             count += len(lines)
     return count
 
@@ -226,11 +227,12 @@ def bench_correlate(path: Path, config: Config | None = None) -> int:
     config = config or Config(timezone="UTC")
     parser = LineParser(config.tz(), path.stat().st_mtime)
     correlator = Correlator(config.tz(), config.correlator_settings())
-    parse, feed_all = parser.parse, correlator.feed_all
     count = 0
     with open_log(path) as stream:
         for _, lines in read_blocks(stream, final=True):
-            feed_all([parse(line) if line is not None else UNPARSED_ENCODING for line in lines])
+            correlator.feed_all(
+                [parser.parse(line) if line is not None else UNPARSED_ENCODING for line in lines]
+            )
             count += len(lines)
             correlator.take()
     return count

@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, tzinfo
-from typing import cast
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +215,6 @@ Record = (
 )
 
 OTHER = Other()
-_UNSEEN = object()
 UNPARSED_HEADER = Unparsed("header")
 UNPARSED_TIMESTAMP = Unparsed("timestamp")
 UNPARSED_ENCODING = Unparsed("encoding")
@@ -261,11 +258,19 @@ class YearGuess:
             return None
 
 
-# A handler reads (line, message start, host start, tag start, names) into a record;
-# it scans the line in place (find/startswith at offsets) and slices only what it keeps.
-_Handler = Callable[[str, int, int, int, "_Names"], "Record"]
-# What a syslog tag tells: host suffix (second instance), service, daemon, handler.
-_Names = tuple[str, str, str, _Handler]
+# Which handler reads a daemon's lines. Handlers scan the line in place (find and
+# startswith at offsets) and slice only what they keep.
+_ANY, _SMTPD, _QMGR, _DELIVERY, _PICKUP, _CLEANUP, _BOUNCE = range(7)
+_KINDS = {
+    "smtpd": _SMTPD,
+    "qmgr": _QMGR,
+    "pickup": _PICKUP,
+    "cleanup": _CLEANUP,
+    "bounce": _BOUNCE,
+    **dict.fromkeys(DELIVERY_AGENTS, _DELIVERY),
+}
+# What a syslog tag tells: host suffix (second instance), service, daemon, handler kind.
+_Names = tuple[str, str, str, int]
 
 
 class LineParser:
@@ -288,15 +293,7 @@ class LineParser:
         self.syslog_names = syslog_names
         self.host = host
         self._stamps: dict[str, float | None] = {}
-        self._programs: dict[str, object] = {}  # tag -> _Names, or None (foreign)
-        self._handlers: dict[str, _Handler] = {
-            "smtpd": self._smtpd,
-            "qmgr": self._qmgr,
-            "pickup": self._pickup,
-            "cleanup": self._cleanup,
-            "bounce": self._bounce,
-            **dict.fromkeys(DELIVERY_AGENTS, self._delivery),
-        }
+        self._programs: dict[str, _Names | None] = {}  # tag -> names, None if foreign
 
     def parse(self, line: str) -> Record:
         """Return the record for `line` (without its newline); never raises."""
@@ -321,13 +318,26 @@ class LineParser:
             if not t or m <= t or line[m - 2] != ":":
                 return UNPARSED_NUL if "\x00" in line else UNPARSED_HEADER
             tag = line[t : m - 1]
-            names = self._programs.get(tag, _UNSEEN)
-            if names is _UNSEEN:
+            try:
+                names = self._programs[tag]
+            except KeyError:
                 names = self._program(tag)
             if names is None:
                 return Foreign(_program_name(tag))
-            known = cast(_Names, names)
-            return known[3](line, m, h, t, known)
+            kind = names[3]
+            if kind == _SMTPD:
+                return self._smtpd(line, m, h, t, names)
+            if kind == _DELIVERY:
+                return self._delivery(line, m, h, t, names)
+            if kind == _QMGR:
+                return self._qmgr(line, m, h, t, names)
+            if kind == _CLEANUP:
+                return self._cleanup(line, m, h, t, names)
+            if kind == _BOUNCE:
+                return self._bounce(line, m, h, t, names)
+            if kind == _PICKUP:
+                return self._pickup(line, m, h, t, names)
+            return self._any(line, m, h, t, names)
         except Exception:  # a parser bug must not stop ingestion; the line is counted
             log.exception("parser failed line=%.200r", line)
             return UNPARSED_HEADER
@@ -351,7 +361,7 @@ class LineParser:
         service = parts[1] if len(parts) > 2 else daemon  # noqa: PLR2004
         # A second instance has its own queue, so its queue ids are its own.
         suffix = "" if root == self.syslog_names[0] else "/" + root
-        return suffix, service, daemon, self._handlers.get(daemon, self._any)
+        return suffix, service, daemon, _KINDS.get(daemon, _ANY)
 
     def timestamp(self, stamp: str) -> float | None:
         """Return epoch seconds for a header stamp, or None when it is no real date."""
