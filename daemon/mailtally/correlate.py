@@ -7,6 +7,7 @@ deletions) so the store can commit it with the source position in one transactio
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -42,6 +43,10 @@ LOCAL_CLIENT = "local"  # sender_ip of mail submitted with sendmail(1) (pickup)
 DetailRow = tuple[float, str, str, str, str, str, str, str]
 # A delivery seen before its message's sender: (time, recipient, status, response).
 PendingDelivery = tuple[float, str, str, str]
+# An open message as the store keeps it (the columns of open_messages, in order).
+OpenRow = tuple[
+    str, str, float, str, str, str | None, str, str | None, int, float | None, str | None
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,25 +62,83 @@ class CorrelatorSettings:
     reorder_window: float = 30.0  # seconds a removed message still takes late lines
 
 
-@dataclass(slots=True)
+@dataclass(init=False)
 class OpenMessage:
     """What is known of one queued message until Postfix removes it."""
 
     host: str
     queue_id: str
     first_ts: float
-    client_name: str = ""
-    client_ip: str = ""
-    sasl_username: str | None = None
-    service: str = ""
-    sender: str | None = None  # the counting key once qmgr logged from=
-    counted: bool = False
-    removed_ts: float | None = None
-    pending: list[PendingDelivery] | None = None
-    persisted: bool = False
+    client_name: str
+    client_ip: str
+    sasl_username: str | None
+    service: str
+    sender: str | None  # the counting key once qmgr logged from=
+    counted: bool
+    removed_ts: float | None
+    pending: list[PendingDelivery] | None
+    persisted: bool
+
+    # Written out so that mypyc compiles it (see parse.py): one per message.
+    def __init__(
+        self,
+        host: str,
+        queue_id: str,
+        first_ts: float,
+        client_name: str = "",
+        client_ip: str = "",
+        sasl_username: str | None = None,
+        service: str = "",
+        sender: str | None = None,
+        counted: bool = False,
+        removed_ts: float | None = None,
+        pending: list[PendingDelivery] | None = None,
+        persisted: bool = False,
+    ) -> None:
+        self.host, self.queue_id, self.first_ts = host, queue_id, first_ts
+        self.client_name, self.client_ip = client_name, client_ip
+        self.sasl_username, self.service, self.sender = sasl_username, service, sender
+        self.counted, self.removed_ts, self.pending = counted, removed_ts, pending
+        self.persisted = persisted
+
+    def row(self) -> OpenRow:
+        """Return a snapshot in the store's column order."""
+        return (
+            self.host,
+            self.queue_id,
+            self.first_ts,
+            self.client_name,
+            self.client_ip,
+            self.sasl_username,
+            self.service,
+            self.sender,
+            int(self.counted),
+            self.removed_ts,
+            json.dumps(self.pending) if self.pending else None,
+        )
+
+    @classmethod
+    def from_row(cls, row: OpenRow) -> OpenMessage:
+        """Rebuild a message persisted by an earlier run."""
+        host, qid, first_ts, name, addr, user, service, sender, counted, removed, pending = row
+        waiting = [(p[0], p[1], p[2], p[3]) for p in json.loads(pending)] if pending else None
+        return cls(
+            host,
+            qid,
+            first_ts,
+            name,
+            addr,
+            user,
+            service,
+            sender,
+            bool(counted),
+            removed,
+            waiting,
+            persisted=True,
+        )
 
 
-@dataclass(slots=True)
+@dataclass
 class CorrelateStats:
     """Running totals for metrics and the ingest summary."""
 
@@ -91,13 +154,13 @@ class CorrelateStats:
     unattributed: int = 0  # rejects/auth failures naming no sender
 
 
-@dataclass(slots=True)
+@dataclass
 class Batch:
     """What changed since the last `Correlator.take`, ready for one store transaction."""
 
     counts: dict[tuple[str, str], list[int]]  # (sender, day) -> deltas in COLUMNS order
     details: list[DetailRow]
-    upserts: list[OpenMessage]
+    upserts: list[OpenRow]  # snapshots: the live messages go on changing after take()
     deletes: list[tuple[str, str]]
     last_ts: float | None
 
@@ -189,11 +252,11 @@ class Correlator:
 
     def take(self) -> Batch:
         """Return and forget everything that changed since the last call."""
-        upserts: list[OpenMessage] = []
+        upserts: list[OpenRow] = []
         for key in self._dirty:
             msg = self.open.get(key) or self.closed.get(key)
             if msg is not None:
-                upserts.append(msg)
+                upserts.append(msg.row())
                 msg.persisted = True
         batch = Batch(self._counts, self._details, upserts, list(self._gone), self.last_ts or None)
         self._counts, self._details = {}, []
@@ -290,7 +353,7 @@ class Correlator:
         self.stats.deliveries += 1
         if rec.status not in COUNTED_STATUSES:
             return  # address verification probes and the like
-        response = f"relay={rec.relay}, dsn={rec.dsn}, status={rec.status} ({rec.text})"
+        response = rec.response
         key = (rec.host, rec.queue_id)
         msg = self._find(key)
         if msg is None:

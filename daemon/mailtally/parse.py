@@ -12,7 +12,9 @@ the year is inferred against a reference time (see `YearGuess`).
 
 This runs once per log line, so it avoids regular expressions and allocations on the
 common paths: lines no counter needs come back as the shared `OTHER` record, and only
-lines that count get their timestamp converted.
+lines that count get their timestamp converted. The most frequent records write out
+their ``__init__``: mypyc (setup.py) compiles a written-out one, not the one that
+``@dataclass`` generates at import time.
 """
 
 from __future__ import annotations
@@ -45,8 +47,7 @@ _MONTHS = {
 _TRADITIONAL_LEN = len("Dec  3 09:41:40")
 _ISO_SECONDS_LEN = len("2026-12-03T09:41:40")
 _QUEUE_ID_MIN, _QUEUE_ID_MAX = 5, 20
-_SHORT_ID_CHARS = "0123456789ABCDEF"
-_LONG_ID_CHARS = "0123456789BCDFGHJKLMNPQRSTVWXYZbcdfghjklmnpqrstvwxyz"
+_NOT_QUEUE_IDS = frozenset({"warning", "NOQUEUE", "error", "fatal", "panic", "info"})
 
 _SIZE_NRCPT = re.compile(r"size=(\d+), nrcpt=(\d+)")
 _CLIENT = re.compile(r"(.*?)\[([^\]]*)\](?::\d+)?\Z")
@@ -61,7 +62,7 @@ _REJECT = re.compile(
 )
 
 
-@dataclass(slots=True)
+@dataclass(init=False)
 class Client:
     """smtpd ``QID: client=name[addr]``: a message entered over SMTP."""
 
@@ -74,8 +75,28 @@ class Client:
     sasl_method: str | None
     sasl_username: str | None
 
+    def __init__(
+        self,
+        ts: float,
+        host: str,
+        service: str,
+        queue_id: str,
+        client_name: str,
+        client_ip: str,
+        sasl_method: str | None,
+        sasl_username: str | None,
+    ) -> None:
+        self.ts = ts
+        self.host = host
+        self.service = service
+        self.queue_id = queue_id
+        self.client_name = client_name
+        self.client_ip = client_ip
+        self.sasl_method = sasl_method
+        self.sasl_username = sasl_username
 
-@dataclass(slots=True)
+
+@dataclass
 class Pickup:
     """pickup ``QID: uid=N from=<addr>``: a message submitted with sendmail(1)."""
 
@@ -87,7 +108,7 @@ class Pickup:
     sender: str
 
 
-@dataclass(slots=True)
+@dataclass(init=False)
 class Queued:
     """qmgr ``QID: from=<addr>, size=N, nrcpt=M (queue active)``; repeated on each retry."""
 
@@ -99,8 +120,19 @@ class Queued:
     size: int
     nrcpt: int
 
+    def __init__(
+        self, ts: float, host: str, service: str, queue_id: str, sender: str, size: int, nrcpt: int
+    ) -> None:
+        self.ts = ts
+        self.host = host
+        self.service = service
+        self.queue_id = queue_id
+        self.sender = sender
+        self.size = size
+        self.nrcpt = nrcpt
 
-@dataclass(slots=True)
+
+@dataclass
 class Expired:
     """qmgr ``QID: from=<addr>, status=expired, returned to sender``: the message gave up."""
 
@@ -111,7 +143,7 @@ class Expired:
     sender: str
 
 
-@dataclass(slots=True)
+@dataclass(init=False)
 class Delivery:
     """One ``to=<rcpt>, ... status=S (text)`` line: one recipient's outcome for one attempt."""
 
@@ -126,9 +158,38 @@ class Delivery:
     dsn: str
     status: str  # "sent" | "bounced" | "deferred" | "expired" | other Postfix words
     text: str  # the parenthesised reply, without the parentheses
+    response: str  # the line from "relay=" on: relay, delays, dsn, status and reply
+
+    def __init__(
+        self,
+        ts: float,
+        host: str,
+        service: str,
+        queue_id: str,
+        transport: str,
+        recipient: str,
+        orig_to: str | None,
+        relay: str,
+        dsn: str,
+        status: str,
+        text: str,
+        response: str,
+    ) -> None:
+        self.ts = ts
+        self.host = host
+        self.service = service
+        self.queue_id = queue_id
+        self.transport = transport
+        self.recipient = recipient
+        self.orig_to = orig_to
+        self.relay = relay
+        self.dsn = dsn
+        self.status = status
+        self.text = text
+        self.response = response
 
 
-@dataclass(slots=True)
+@dataclass
 class Notification:
     """bounce ``QID: sender non-delivery notification: NEWQID`` and its delay/DSN kin."""
 
@@ -140,7 +201,7 @@ class Notification:
     new_queue_id: str
 
 
-@dataclass(slots=True)
+@dataclass(init=False)
 class Removed:
     """``QID: removed``: the queue file is gone and the queue id may be reused."""
 
@@ -149,8 +210,14 @@ class Removed:
     service: str
     queue_id: str
 
+    def __init__(self, ts: float, host: str, service: str, queue_id: str) -> None:
+        self.ts = ts
+        self.host = host
+        self.service = service
+        self.queue_id = queue_id
 
-@dataclass(slots=True)
+
+@dataclass
 class Reject:
     """A refused SMTP command: ``NOQUEUE: reject: RCPT from ...`` or with a queue id."""
 
@@ -166,7 +233,7 @@ class Reject:
     recipient: str | None
 
 
-@dataclass(slots=True)
+@dataclass
 class AuthFailure:
     """smtpd ``warning: name[addr]: SASL LOGIN authentication failed: reason``."""
 
@@ -533,18 +600,21 @@ class LineParser:
             end = line.find(">, ", at, cut + 2)
             if end < 0:
                 return OTHER
-            recipient, fields = line[at + 4 : end], line[end + 3 : cut]
+            recipient, rest = line[at + 4 : end], end + 3
         else:  # local(8) may log a bare address: "to=user@host, orig_to=..."
-            recipient, _, fields = line[at + 3 : cut].partition(", ")
+            end = line.find(", ", at, cut + 2)
+            recipient, rest = line[at + 3 : end], end + 2
         orig_to = None
-        relay = dsn = ""
-        for field in fields.split(", "):
-            if field.startswith("relay="):
-                relay = field[6:]
-            elif field.startswith("dsn="):
-                dsn = field[4:]
-            elif field.startswith("orig_to="):
-                orig_to = field[8:].strip("<>")
+        if line.startswith("orig_to=", rest):
+            end = line.find(", ", rest, cut + 2)
+            orig_to = line[rest + 8 : end].strip("<>")
+            rest = end + 2
+        relay = ""
+        if line.startswith("relay=", rest):
+            end = line.find(", ", rest, cut + 2)
+            relay = line[rest + 6 : end]
+        dsn_at = line.rfind(", dsn=", rest, cut)
+        dsn = line[dsn_at + 6 : cut] if dsn_at >= 0 else ""
         space = line.find(" ", cut + 9)
         if space < 0:
             status, text = line[cut + 9 :], ""
@@ -569,6 +639,7 @@ class LineParser:
             dsn,
             status,
             text,
+            line[rest:],
         )
 
     def _pickup(self, line: str, m: int, h: int, t: int, names: _Names) -> Record:
@@ -625,14 +696,12 @@ def _program_name(tag: str) -> str:
 
 
 def _is_queue_id(text: str) -> bool:
-    """Tell a Postfix queue id: short hex ``7EE668039`` or long ``4LqTkN3Yzbz9vBq``.
+    """Tell a Postfix queue id (``7EE668039``, ``4LqTkN3Yzbz9vBq``) from a word.
 
-    Long ids use digits and letters without vowels, so words such as ``warning`` or
-    ``NOQUEUE`` are never taken for one (see Postfix's mail_queue.h).
+    Only a few words stand where a queue id does ("warning: ", "NOQUEUE: "); any other
+    word taken for a queue id is followed by no keyword a handler looks for.
     """
-    return _QUEUE_ID_MIN <= len(text) <= _QUEUE_ID_MAX and (
-        not text.strip(_SHORT_ID_CHARS) or not text.strip(_LONG_ID_CHARS)
-    )
+    return text.isalnum() and text not in _NOT_QUEUE_IDS
 
 
 def _angle(text: str, key: str) -> str | None:

@@ -7,7 +7,6 @@ frontend, the policy server) open the file read-only; WAL lets them read while i
 
 from __future__ import annotations
 
-import json
 import logging
 import sqlite3
 from collections.abc import Iterator, Sequence
@@ -168,7 +167,7 @@ class Store:
             conn.executemany(
                 "DELETE FROM open_messages WHERE host = ? AND queue_id = ?", batch.deletes
             )
-            conn.executemany(_UPSERT_OPEN, [_open_row(m) for m in batch.upserts])
+            conn.executemany(_UPSERT_OPEN, batch.upserts)
             conn.executemany(
                 "INSERT INTO positions (source, offset, cursor, name, updated)"
                 " VALUES (?, ?, ?, ?, ?) ON CONFLICT (source) DO UPDATE SET"
@@ -207,20 +206,7 @@ class Store:
             "SELECT host, queue_id, first_ts, client_name, client_ip, sasl_username, service,"
             " sender, counted, removed_ts, pending FROM open_messages"
         ):
-            host, qid, first_ts, name, addr, user, service, sender, counted, removed, pending = row
-            yield OpenMessage(
-                host,
-                qid,
-                first_ts,
-                name,
-                addr,
-                user,
-                service,
-                sender,
-                bool(counted),
-                removed,
-                [(p[0], p[1], p[2], p[3]) for p in json.loads(pending)] if pending else None,
-            )
+            yield OpenMessage.from_row(row)
 
     def day_rows(self, sender: str, first: str, last: str) -> dict[str, DayRow]:
         """Return the sender's stored days between the ISO dates first..last, inclusive."""
@@ -262,22 +248,6 @@ class Store:
         """Return the first and last day with any counter."""
         first, last = self.conn.execute("SELECT min(day), max(day) FROM counters").fetchone()
         return first, last
-
-
-def _open_row(m: OpenMessage) -> tuple[object, ...]:
-    return (
-        m.host,
-        m.queue_id,
-        m.first_ts,
-        m.client_name,
-        m.client_ip,
-        m.sasl_username,
-        m.service,
-        m.sender,
-        int(m.counted),
-        m.removed_ts,
-        json.dumps(m.pending) if m.pending else None,
-    )
 
 
 def open_store(path: Path) -> Store:
