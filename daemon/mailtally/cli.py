@@ -27,6 +27,7 @@ from mailtally.report import (
     top_rows,
 )
 from mailtally.store import open_reader, open_store
+from mailtally.writer import BatchWriter
 
 log = logging.getLogger(__name__)
 
@@ -266,8 +267,9 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     files = order_files(args.files)
     store = open_store(config.database)
     tune_gc()
+    writer = BatchWriter(config.database, time.time)
     try:
-        ingester = Ingester(store, config, host=args.host)
+        ingester = Ingester(store, config, host=args.host, writer=writer)
         for path in files:
             result = ingester.ingest(path)
             log.info(
@@ -276,6 +278,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
                 result.lines,
                 result.skipped_bytes,
             )
+        writer.close()
         pruned = store.prune_details(time.time() - config.details_days * 86400)
         if pruned:
             log.info("details pruned rows=%d older_than_days=%d", pruned, config.details_days)
@@ -297,6 +300,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
             stats.orphan_deliveries,
         )
     finally:
+        writer.close()
         store.close()
     return 0
 

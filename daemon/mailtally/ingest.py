@@ -23,6 +23,7 @@ from mailtally.correlate import Correlator
 from mailtally.errors import SourceError
 from mailtally.parse import MAX_LINE, UNPARSED_ENCODING, LineParser
 from mailtally.store import Position, Store
+from mailtally.writer import BatchWriter
 
 log = logging.getLogger(__name__)
 
@@ -131,8 +132,8 @@ def _decode(block: bytes) -> list[str | None]:
 class Ingester:
     """Feed files into one correlator and commit batches to one store.
 
-    Batches commit synchronously: a writer thread was measured slower, as SQLite's
-    per-row GIL release makes the two threads take turns rather than overlap.
+    With a `writer`, batches are committed by its process while the next one is
+    parsed; `store` is then only read (positions, open messages).
     """
 
     def __init__(
@@ -141,8 +142,10 @@ class Ingester:
         config: Config,
         host: str | None = None,
         now: Callable[[], float] = time.time,
+        writer: BatchWriter | None = None,
     ) -> None:
         self.store = store
+        self.writer = writer
         self.config = config
         self.host = host
         self.now = now
@@ -161,6 +164,8 @@ class Ingester:
                 if source is None:
                     log.info("file has no complete line yet path=%s", path)
                     return result
+                if self.writer is not None:
+                    self.writer.flush()  # an earlier file may have been this one
                 known = self.store.position(source)
                 start = known.offset if known else 0
                 stream.seek(start)
@@ -200,7 +205,11 @@ class Ingester:
 
     def _commit(self, source: str, offset: int, path: Path) -> None:
         batch = self.correlator.take()
-        self.store.commit_batch(batch, [Position(source, offset, name=str(path))], self.now())
+        positions = [Position(source, offset, name=str(path))]
+        if self.writer is not None:
+            self.writer.submit(batch, positions)
+        else:
+            self.store.commit_batch(batch, positions, self.now())
 
 
 def order_files(paths: Iterable[Path]) -> list[Path]:
