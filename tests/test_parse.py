@@ -398,3 +398,18 @@ def test_sasl_username_unavailable_is_no_username() -> None:
     )
     assert isinstance(rec, AuthFailure)
     assert rec.username is None
+
+
+@pytest.mark.parametrize("zone", ["Europe/Berlin", "America/New_York", "Australia/Lord_Howe"])
+def test_hourly_zone_cache_matches_datetime_across_dst(zone: str) -> None:
+    tz = ZoneInfo(zone)
+    p = LineParser(tz, datetime(2026, 12, 31, tzinfo=UTC).timestamp())
+    days = [(3, 8), (3, 29), (4, 5), (10, 4), (10, 25), (11, 1)]  # DST changes of 2026
+    for month, day in days:
+        for minute_of_day in range(0, 24 * 60, 7):
+            hour, minute = divmod(minute_of_day, 60)
+            stamp = (
+                f"{datetime(2026, month, day, tzinfo=tz):%b} {day:2d} {hour:02d}:{minute:02d}:17"
+            )
+            expected = datetime(2026, month, day, hour, minute, 17, tzinfo=tz).timestamp()
+            assert p.timestamp(stamp) == expected, stamp

@@ -46,6 +46,7 @@ _MONTHS = {
 }
 _TRADITIONAL_LEN = len("Dec  3 09:41:40")
 _ISO_SECONDS_LEN = len("2026-12-03T09:41:40")
+_ISO_MINUTE_LEN = len("2026-12-03T09:41")
 _QUEUE_ID_MIN, _QUEUE_ID_MAX = 5, 20
 _NOT_QUEUE_IDS = frozenset({"warning", "NOQUEUE", "error", "fatal", "panic", "info"})
 
@@ -302,25 +303,52 @@ class YearGuess:
         self.reference = reference
         self._limit = reference + FUTURE_SLACK.total_seconds()
         self._year = datetime.fromtimestamp(reference, tz).year
+        self._hours: dict[str, float | None] = {}  # "Dec  3 09" -> epoch of 09:00:00
+        self._uneven: set[str] = set()  # hours whose UTC offset changes inside them
 
     def epoch(self, stamp: str) -> float | None:
-        """Return the epoch seconds of ``Mmm dd HH:MM:SS``, or None if it is no date."""
+        """Return the epoch seconds of ``Mmm dd HH:MM:SS``, or None if it is no date.
+
+        The zone is consulted once per hour of stamps, and minutes and seconds add on,
+        unless the offset changes within that hour (Lord Howe's half-hour DST): then
+        each stamp of the hour is read on its own, as ``datetime`` with ``fold=0`` does.
+        """
+        hour_key = stamp[:9]
         try:
-            month = _MONTHS[stamp[:3]]
-            day = int(stamp[4:6])
-            hour, minute, second = int(stamp[7:9]), int(stamp[10:12]), int(stamp[13:15])
+            base = self._hours[hour_key]
+        except KeyError:
+            if len(self._hours) > CACHE_LIMIT:
+                self._hours.clear()
+            base = self._hours[hour_key] = self._hour(hour_key)
+        if base is None or stamp[9:10] != ":" or stamp[12:13] != ":":
+            return None
+        minute, second = stamp[10:12], stamp[13:15]
+        if not (minute.isdigit() and second.isdigit()) or minute > "59" or second > "60":
+            return None
+        if hour_key in self._uneven:
+            when = datetime.fromtimestamp(base, self.tz)
+            exact = when.replace(minute=int(minute), second=min(int(second), 59), fold=0)
+            return exact.timestamp() + (int(second) == 60)  # noqa: PLR2004 - leap second
+        return base + int(minute) * 60 + int(second)
+
+    def _hour(self, hour_key: str) -> float | None:
+        try:
+            month = _MONTHS[hour_key[:3]]
+            day, hour = int(hour_key[4:6]), int(hour_key[7:9])
         except (KeyError, ValueError):
             return None
-        value = self._at(self._year, month, day, hour, minute, second)
+        year = self._year
+        value = self._at(year, month, day, hour)
         if value is None or value > self._limit:
-            value = self._at(self._year - 1, month, day, hour, minute, second)
+            year -= 1
+            value = self._at(year, month, day, hour)
+        if value is not None and self._at(year, month, day, hour, 59) != value + 59 * 60:
+            self._uneven.add(hour_key)
         return value
 
-    def _at(
-        self, year: int, month: int, day: int, hour: int, minute: int, second: int
-    ) -> float | None:
+    def _at(self, year: int, month: int, day: int, hour: int, minute: int = 0) -> float | None:
         try:
-            return datetime(year, month, day, hour, minute, second, tzinfo=self.tz).timestamp()
+            return datetime(year, month, day, hour, minute, tzinfo=self.tz).timestamp()
         except ValueError:  # Feb 29 in a year without one, hour 25...
             return None
 
@@ -359,7 +387,8 @@ class LineParser:
         self.years = YearGuess(tz, reference)
         self.syslog_names = syslog_names
         self.host = host
-        self._stamps: dict[str, float | None] = {}
+        self._stamps: dict[str, float | None] = {}  # traditional stamp -> epoch
+        self._minutes: dict[str, float | None] = {}  # RFC 3339 minute and zone -> epoch
         self._programs: dict[str, _Names | None] = {}  # tag -> names, None if foreign
 
     def parse(self, line: str) -> Record:
@@ -432,25 +461,33 @@ class LineParser:
 
     def timestamp(self, stamp: str) -> float | None:
         """Return epoch seconds for a header stamp, or None when it is no real date."""
-        try:
-            return self._stamps[stamp]
-        except KeyError:
-            pass
         if len(stamp) == _TRADITIONAL_LEN:
-            value = self.years.epoch(stamp)
+            try:
+                return self._stamps[stamp]
+            except KeyError:
+                value = self.years.epoch(stamp)
         else:
-            # RFC 3339 stamps differ in their fraction on every line: cache the second.
-            frac = ""
+            # RFC 3339 stamps differ in their fraction on every line and carry their
+            # offset: cache the minute, add seconds and fraction.
             zone = stamp[_ISO_SECONDS_LEN:]
+            frac = 0.0
             if zone[:1] == ".":
                 end = 1
                 while end < len(zone) and zone[end].isdigit():
                     end += 1
-                frac, zone = zone[:end], zone[end:]
-            if frac:
-                whole = self.timestamp(stamp[:_ISO_SECONDS_LEN] + zone)
-                return None if whole is None else whole + float(frac)
-            value = self._iso(stamp)
+                frac, zone = float(zone[:end]), zone[end:]
+            seconds = stamp[_ISO_MINUTE_LEN + 1 : _ISO_SECONDS_LEN]
+            if stamp[_ISO_MINUTE_LEN : _ISO_MINUTE_LEN + 1] != ":" or not seconds.isdigit():
+                return None
+            minute_key = stamp[:_ISO_MINUTE_LEN] + zone
+            try:
+                base = self._minutes[minute_key]
+            except KeyError:
+                if len(self._minutes) > CACHE_LIMIT:
+                    self._minutes.clear()
+                base = self._iso(stamp[:_ISO_MINUTE_LEN] + ":00" + zone)
+                self._minutes[minute_key] = base
+            return None if base is None else base + int(seconds) + frac
         if len(self._stamps) > CACHE_LIMIT:
             self._stamps.clear()
         self._stamps[stamp] = value
