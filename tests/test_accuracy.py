@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import report
 
 ROOT = Path(__file__).resolve().parents[1]
 SCENARIO_DATA = ROOT / "tests" / "data" / "scenario"
@@ -66,27 +67,6 @@ def write_config(tmp_path: Path) -> Path:
     config = tmp_path / "mailtally.yaml"
     config.write_text(f"timezone: UTC\ndatabase: {tmp_path / 'tally.db'}\n", encoding="utf-8")
     return config
-
-
-def report(db: Path, config: Path, sender: str, since: str, until: str) -> dict[str, Any]:
-    """Return `mailtally report --format json` for one sender and date range."""
-    out = mailtally(
-        "report",
-        "--config",
-        config,
-        "--db",
-        db,
-        "--sender",
-        sender,
-        "--since",
-        since,
-        "--until",
-        until,
-        "--format",
-        "json",
-    )
-    result: dict[str, Any] = json.loads(out)
-    return result
 
 
 def mismatches(
