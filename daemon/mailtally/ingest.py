@@ -14,7 +14,7 @@ import logging
 import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -40,7 +40,6 @@ class FileResult:
     path: Path
     lines: int = 0
     skipped_bytes: int = 0  # already ingested by an earlier run
-    unparsed: dict[str, int] = field(default_factory=dict)
 
 
 def tune_gc() -> None:
