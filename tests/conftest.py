@@ -24,8 +24,8 @@ def _check_compiled_modules() -> None:
     edit they must be rebuilt (``make setup``), or the tests would test the old code.
     """
     package = ROOT / "daemon" / "mailtally"
-    for compiled in package.glob("*.so"):
-        source = package / (compiled.name.split(".", 1)[0] + ".py")
+    for compiled in package.rglob("*.so"):
+        source = compiled.with_name(compiled.name.split(".", 1)[0] + ".py")
         if source.exists() and source.stat().st_mtime > compiled.stat().st_mtime:
             pytest.exit(f"{compiled.name} is older than {source.name}: run 'make setup'", 2)
 

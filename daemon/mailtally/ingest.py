@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import gc
 import gzip
-import hashlib
 import logging
 import time
 import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -21,15 +20,13 @@ from typing import BinaryIO
 from mailtally.config import Config
 from mailtally.correlate import Correlator
 from mailtally.errors import SourceError
-from mailtally.parse import MAX_LINE, UNPARSED_ENCODING, LineParser
+from mailtally.parse import LineParser
+from mailtally.sources.logfile import FINGERPRINT_BYTES, fingerprint, open_log, read_blocks
 from mailtally.store import Position, Store
 from mailtally.writer import BatchWriter
 
 log = logging.getLogger(__name__)
 
-CHUNK = 256 * 1024
-FINGERPRINT_BYTES = 4096
-GZIP_MAGIC = b"\x1f\x8b"
 GC_THRESHOLD = 100_000
 
 
@@ -50,82 +47,6 @@ def tune_gc() -> None:
     """
     gc.freeze()
     gc.set_threshold(GC_THRESHOLD, 50, 50)
-
-
-def fingerprint(head: bytes) -> str | None:
-    """Return the source key for a file starting with `head`, or None if no line yet."""
-    end = head.find(b"\n")
-    if end < 0:
-        if len(head) < FINGERPRINT_BYTES:
-            return None
-        end = FINGERPRINT_BYTES
-    return "file:" + hashlib.sha256(head[: end + 1]).hexdigest()[:32]
-
-
-def open_log(path: Path) -> BinaryIO:
-    """Open a log file for reading, decompressing gzip whatever its name."""
-    try:
-        raw = path.open("rb")
-    except OSError as exc:
-        raise SourceError(f"{path}: cannot read: {exc.strerror}") from exc
-    if raw.read(2) == GZIP_MAGIC:
-        raw.seek(0)
-        return gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[return-value]
-    raw.seek(0)
-    return raw
-
-
-def read_blocks(stream: BinaryIO, *, final: bool) -> Iterator[tuple[int, list[str | None]]]:
-    """Yield (bytes consumed so far, decoded lines) per chunk of complete lines.
-
-    A line that is not UTF-8 comes out as None; of a line longer than `MAX_LINE` with no
-    newline in sight only a prefix comes out, which the parser rejects for its length.
-    The last line without a newline is held back unless `final` (a closed, rotated file).
-    """
-    consumed = 0
-    rest = b""
-    overlong = False
-    while True:
-        chunk = stream.read(CHUNK)
-        if not chunk:
-            break
-        data = rest + chunk if rest else chunk
-        cut = data.rfind(b"\n")
-        if cut < 0:
-            rest = data
-            if len(rest) > MAX_LINE:  # no newline in sight: drop it, keep counting bytes
-                consumed += len(rest)
-                prefix, rest = rest[: MAX_LINE + 1], b""
-                if not overlong:
-                    overlong = True
-                    yield consumed, [prefix.decode("utf-8", "replace")]
-            continue
-        block, rest = data[: cut + 1], data[cut + 1 :]
-        consumed += len(block)
-        lines = _decode(block)
-        if overlong:  # the tail of a line already counted as too long
-            lines = lines[1:]
-            overlong = False
-        yield consumed, lines
-    if final and rest and not overlong:
-        consumed += len(rest)
-        yield consumed, _decode(rest + b"\n")
-
-
-def _decode(block: bytes) -> list[str | None]:
-    try:
-        text = block.decode("utf-8")
-    except UnicodeDecodeError:
-        out: list[str | None] = []
-        for raw in block.split(b"\n")[:-1]:
-            try:
-                out.append(raw.decode("utf-8"))
-            except UnicodeDecodeError:
-                out.append(None)
-        return out
-    lines: list[str | None] = text.split("\n")  # type: ignore[assignment]
-    lines.pop()  # the empty string after the last newline
-    return lines
 
 
 class Ingester:
@@ -191,9 +112,7 @@ class Ingester:
         pending = 0
         offset = start
         for consumed, lines in read_blocks(stream, final=final):
-            correlator.feed_all(
-                [parser.parse(line) if line is not None else UNPARSED_ENCODING for line in lines]
-            )
+            correlator.feed_all(parser.parse_all(lines))
             pending += len(lines)
             result.lines += len(lines)
             offset = start + consumed
@@ -227,8 +146,7 @@ def bench_parse(path: Path, config: Config | None = None) -> int:
     count = 0
     with open_log(path) as stream:
         for _, lines in read_blocks(stream, final=True):
-            for line in lines:
-                parser.parse(line) if line is not None else UNPARSED_ENCODING
+            parser.parse_all(lines)
             count += len(lines)
     return count
 
@@ -242,9 +160,7 @@ def bench_correlate(path: Path, config: Config | None = None) -> int:
     count = 0
     with open_log(path) as stream:
         for _, lines in read_blocks(stream, final=True):
-            correlator.feed_all(
-                [parser.parse(line) if line is not None else UNPARSED_ENCODING for line in lines]
-            )
+            correlator.feed_all(parser.parse_all(lines))
             count += len(lines)
             correlator.take()
     return count

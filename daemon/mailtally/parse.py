@@ -391,6 +391,10 @@ class LineParser:
         self._minutes: dict[str, float | None] = {}  # RFC 3339 minute and zone -> epoch
         self._programs: dict[str, _Names | None] = {}  # tag -> names, None if foreign
 
+    def parse_all(self, lines: list[str | None]) -> list[Record]:
+        """Parse a block of lines; None (a line that was not UTF-8) is unparsed."""
+        return [self.parse(line) if line is not None else UNPARSED_ENCODING for line in lines]
+
     def parse(self, line: str) -> Record:
         """Return the record for `line` (without its newline); never raises."""
         try:

@@ -1,0 +1,1 @@
+"""Where log lines come from: files (and, with the daemon, the journal)."""
