@@ -41,8 +41,14 @@ Each error is one line on stderr; --debug adds the traceback.
 See etc/mailtally.yaml for every configuration key and its default."""
 
 
-class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Keep our paragraphs as written and show each option's default."""
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Keep our paragraphs as written and show each option's real default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in text:
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 def _date(text: str) -> str:
