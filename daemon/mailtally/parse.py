@@ -51,7 +51,6 @@ _QUEUE_ID_MIN, _QUEUE_ID_MAX = 5, 20
 _NOT_QUEUE_IDS = frozenset({"warning", "NOQUEUE", "error", "fatal", "panic", "info"})
 
 _SIZE_NRCPT = re.compile(r"size=(\d+), nrcpt=(\d+)")
-_CLIENT = re.compile(r"(.*?)\[([^\]]*)\](?::\d+)?\Z")
 _SASL_FAIL = re.compile(
     r"warning: (.*?)\[([^\]]*)\](?::\d+)?: SASL (\S+) authentication failed: (.*?)"
     r"(?:, sasl_username=(.*))?\Z",
@@ -146,7 +145,11 @@ class Expired:
 
 @dataclass(init=False)
 class Delivery:
-    """One ``to=<rcpt>, ... status=S (text)`` line: one recipient's outcome for one attempt."""
+    """One ``to=<rcpt>, ... status=S (text)`` line: one recipient's outcome for one attempt.
+
+    `relay`, `dsn` and `text` are read from `response` when asked for: the counters
+    need only the status, and most deliveries are never looked at again.
+    """
 
     ts: float
     host: str
@@ -155,10 +158,7 @@ class Delivery:
     transport: str  # the delivery agent: "smtp", "lmtp", "local", "virtual", "pipe", ...
     recipient: str
     orig_to: str | None
-    relay: str
-    dsn: str
     status: str  # "sent" | "bounced" | "deferred" | "expired" | other Postfix words
-    text: str  # the parenthesised reply, without the parentheses
     response: str  # the line from "relay=" on: relay, delays, dsn, status and reply
 
     def __init__(
@@ -170,10 +170,7 @@ class Delivery:
         transport: str,
         recipient: str,
         orig_to: str | None,
-        relay: str,
-        dsn: str,
         status: str,
-        text: str,
         response: str,
     ) -> None:
         self.ts = ts
@@ -183,11 +180,30 @@ class Delivery:
         self.transport = transport
         self.recipient = recipient
         self.orig_to = orig_to
-        self.relay = relay
-        self.dsn = dsn
         self.status = status
-        self.text = text
         self.response = response
+
+    @property
+    def relay(self) -> str:
+        """``mx.example[192.0.2.1]:25``, ``local``, ``none``..."""
+        if not self.response.startswith("relay="):
+            return ""
+        end = self.response.find(", ")
+        return self.response[6:end] if end >= 0 else self.response[6:]
+
+    @property
+    def dsn(self) -> str:
+        """The enhanced status code, ``2.0.0``."""
+        start = self.response.rfind(", dsn=", 0, self.response.find(", status="))
+        return self.response[start + 6 : self.response.find(",", start + 6)] if start >= 0 else ""
+
+    @property
+    def text(self) -> str:
+        """The parenthesised reply, without the parentheses."""
+        status_at = self.response.find(", status=")
+        space = self.response.find(" ", status_at + 9)
+        text = self.response[space + 1 :] if status_at >= 0 and space >= 0 else ""
+        return text[1:-1] if text.startswith("(") and text.endswith(")") else text
 
 
 @dataclass
@@ -558,22 +574,29 @@ class LineParser:
         return OTHER
 
     def _client(self, line: str, m: int, h: int, t: int, names: _Names, at: int) -> Record:
-        fields = line[at + 7 :].split(", ")
-        match = _CLIENT.match(fields[0])
-        if match is None:
+        # "client=name[addr]" then, after AUTH, ", sasl_method=PLAIN, sasl_username=u"
+        field_end = line.find(", ", at)
+        if field_end < 0:
+            field_end = len(line)
+        bracket = line.rfind("[", at, field_end)
+        close = line.find("]", bracket)
+        if bracket < 0 or close < 0:
             return OTHER
         ts = self.timestamp(line[: h - 1])
         if ts is None:
             return UNPARSED_TIMESTAMP
-        method = user = None
-        for field in fields[1:]:
-            if field.startswith("sasl_method="):
-                method = field[12:] or None
-            elif field.startswith("sasl_username="):
-                user = field[14:] or None
-        host = self._host(line, h, t, names)
-        qid = line[m : at - 2]
-        return Client(ts, host, names[1], qid, match.group(1), match.group(2), method, user)
+        method = _field(line, ", sasl_method=", field_end)
+        user = _field(line, ", sasl_username=", field_end)
+        return Client(
+            ts,
+            self._host(line, h, t, names),
+            names[1],
+            line[m : at - 2],
+            line[at + 7 : bracket],
+            line[bracket + 1 : close],
+            method,
+            user,
+        )
 
     def _reject(
         self, line: str, h: int, t: int, names: _Names, qid: str | None, at: int
@@ -650,21 +673,10 @@ class LineParser:
             end = line.find(", ", rest, cut + 2)
             orig_to = line[rest + 8 : end].strip("<>")
             rest = end + 2
-        relay = ""
-        if line.startswith("relay=", rest):
-            end = line.find(", ", rest, cut + 2)
-            relay = line[rest + 6 : end]
-        dsn_at = line.rfind(", dsn=", rest, cut)
-        dsn = line[dsn_at + 6 : cut] if dsn_at >= 0 else ""
         space = line.find(" ", cut + 9)
-        if space < 0:
-            status, text = line[cut + 9 :], ""
-        else:
-            status, text = line[cut + 9 : space], line[space + 1 :]
+        status = line[cut + 9 : space] if space >= 0 else line[cut + 9 :]
         if status.endswith(","):  # "status=expired, returned to sender"
             status = status[:-1]
-        if text.startswith("(") and text.endswith(")"):
-            text = text[1:-1]
         ts = self.timestamp(line[: h - 1])
         if ts is None:
             return UNPARSED_TIMESTAMP
@@ -676,10 +688,7 @@ class LineParser:
             names[2],
             recipient,
             orig_to,
-            relay,
-            dsn,
             status,
-            text,
             line[rest:],
         )
 
@@ -743,6 +752,16 @@ def _is_queue_id(text: str) -> bool:
     word taken for a queue id is followed by no keyword a handler looks for.
     """
     return text.isalnum() and text not in _NOT_QUEUE_IDS
+
+
+def _field(line: str, key: str, start: int) -> str | None:
+    """Return the value after `key` (``", sasl_method="``) up to the next ", ", or None."""
+    at = line.find(key, start)
+    if at < 0:
+        return None
+    at += len(key)
+    end = line.find(", ", at)
+    return (line[at:end] if end >= 0 else line[at:]) or None
 
 
 def _angle(text: str, key: str) -> str | None:
