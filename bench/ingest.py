@@ -189,11 +189,18 @@ def pflogsumm(exe: str, log: Path, lines: int) -> Run:
     )
 
 
-def best(n: int, run: Callable[[], Run]) -> Run:
-    """Run a stage `n` times; keep the fastest run (peak RSS: the largest seen)."""
-    runs = [run() for _ in range(n)]
-    fastest = min(runs, key=lambda r: (r.returncode != 0, r.wall))
-    return replace(fastest, peak_mib=max(r.peak_mib for r in runs))
+def best_rounds(n: int, stages: list[Callable[[], Run]]) -> list[Run]:
+    """Run every stage once per round, `n` rounds; keep each stage's fastest run.
+
+    Rounds interleave the stages, so a slow spell of the machine hits all of them
+    alike and the ratios stay fair (peak RSS: the largest seen).
+    """
+    rounds = [[stage() for stage in stages] for _ in range(n)]
+    out = []
+    for runs in zip(*rounds, strict=True):
+        fastest = min(runs, key=lambda r: (r.returncode != 0, r.wall))
+        out.append(replace(fastest, peak_mib=max(r.peak_mib for r in runs)))
+    return out
 
 
 def print_table(runs: list[Run], base: Run | None) -> None:
@@ -227,7 +234,9 @@ def main(argv: list[str] | None = None) -> int:
         help="log format (pflogsumm reads all three)",
     )
     ap.add_argument("--skip-pflogsumm", action="store_true", help="leave out stage (d)")
-    ap.add_argument("--repeat", type=int, default=1, help="run each stage N times, keep the best")
+    ap.add_argument(
+        "--repeat", type=int, default=3, help="rounds of all stages; each stage's best is kept"
+    )
     ap.add_argument(
         "--memory", action="store_true", help="also ingest a 10x larger log and compare peak RSS"
     )
@@ -240,19 +249,19 @@ def main(argv: list[str] | None = None) -> int:
         f" {truth['first_line']} .. {truth['last_line']}"
     )
     n = max(1, args.repeat)
-    runs = [
-        best(n, lambda: stage("(a) parse", "bench_parse", log)),
-        best(n, lambda: stage("(b) correlate", "bench_correlate", log)),
+    stages: list[Callable[[], Run]] = [
+        lambda: stage("(a) parse", "bench_parse", log),
+        lambda: stage("(b) correlate", "bench_correlate", log),
+        lambda: ingest(log, lines),
     ]
-    full = best(n, lambda: ingest(log, lines))
-    runs.append(full)
-    base = None
     exe = None if args.skip_pflogsumm else find_pflogsumm()
     if exe is not None:
-        base = best(n, lambda: pflogsumm(exe, log, lines))
-        runs.append(base)
+        stages.append(lambda: pflogsumm(exe, log, lines))
     elif not args.skip_pflogsumm:
         print("pflogsumm not found; leaving out (d)")
+    runs = best_rounds(n, stages)
+    full = runs[2]
+    base = runs[3] if exe is not None else None
     print_table(runs, base)
 
     if args.memory:
