@@ -1,32 +1,19 @@
-# mailtally: the two set-up commands are `make demo` and `make test` (see README.md).
-VENV ?= .venv
-PY := $(VENV)/bin/python
-DEMO_DB ?= demo.db
-# A real Postfix 3.7 log written by rsyslog (RFC 3339 stamps carry the year).
-DEMO_LOG ?= tests/data/scenario/mail.log.rfc3339
-DEMO_DAY ?= 2026-12-03
-DEMO_SINCE ?= 2026-11-27
-
-.PHONY: setup demo test lint bench clean
+# mailtally: the set-up commands are `sh tools/demo.sh` and `sh tools/test.sh`
+# (README.md); these targets are the same for those who have make.
+.PHONY: setup demo test bench clean
 
 setup:
 	sh tools/setup-debian.sh
 
-demo: setup
-	rm -f $(DEMO_DB) $(DEMO_DB)-wal $(DEMO_DB)-shm
-	$(VENV)/bin/mailtally -v ingest --config etc/demo.yaml --db $(DEMO_DB) $(DEMO_LOG)
-	$(VENV)/bin/mailtally top --config etc/demo.yaml --db $(DEMO_DB) --day $(DEMO_DAY)
-	$(VENV)/bin/mailtally report --config etc/demo.yaml --db $(DEMO_DB) \
-		--sender heavy@campus.example --since $(DEMO_SINCE) --until $(DEMO_DAY)
+demo:
+	sh tools/demo.sh
 
-test: setup
-	$(VENV)/bin/ruff format --check daemon tests bench scenario
-	$(VENV)/bin/ruff check daemon tests bench scenario
-	$(VENV)/bin/mypy
-	$(VENV)/bin/pytest
+test:
+	sh tools/test.sh
 
 bench: setup
-	$(PY) bench/ingest.py
+	.venv/bin/python bench/ingest.py
 
 clean:
-	rm -rf $(VENV) $(DEMO_DB) $(DEMO_DB)-wal $(DEMO_DB)-shm .pytest_cache .mypy_cache
+	rm -rf .venv build demo.db demo.db-wal demo.db-shm .pytest_cache .mypy_cache
+	find daemon -name '*.so' -delete

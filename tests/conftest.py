@@ -21,13 +21,15 @@ def _check_compiled_modules() -> None:
     """Stop at once if a mypyc-compiled module is older than its source.
 
     Python imports the compiled parse/correlate/ingest before their .py files; after an
-    edit they must be rebuilt (``make setup``), or the tests would test the old code.
+    edit they must be rebuilt (``sh tools/setup-debian.sh``), or the tests would test the old code.
     """
     package = ROOT / "daemon" / "mailtally"
     for compiled in package.rglob("*.so"):
         source = compiled.with_name(compiled.name.split(".", 1)[0] + ".py")
         if source.exists() and source.stat().st_mtime > compiled.stat().st_mtime:
-            pytest.exit(f"{compiled.name} is older than {source.name}: run 'make setup'", 2)
+            pytest.exit(
+                f"{compiled.name} is older than {source.name}: run 'sh tools/setup-debian.sh'", 2
+            )
 
 
 _check_compiled_modules()
