@@ -32,6 +32,8 @@ FUTURE_SLACK = timedelta(days=1)
 MAX_LINE = 64 * 1024
 # Entries kept by the timestamp caches before they start over.
 CACHE_LIMIT = 100_000
+# Parser failures logged with a traceback per parser; the rest are only counted.
+MAX_LOGGED_FAILURES = 10
 
 DELIVERY_AGENTS = frozenset(
     {"smtp", "lmtp", "local", "virtual", "pipe", "error", "retry", "discard"}
@@ -406,6 +408,7 @@ class LineParser:
         self._stamps: dict[str, float | None] = {}  # traditional stamp -> epoch
         self._minutes: dict[str, float | None] = {}  # RFC 3339 minute and zone -> epoch
         self._programs: dict[str, _Names | None] = {}  # tag -> names, None if foreign
+        self._failures = 0
 
     def parse_all(self, lines: list[str | None]) -> list[Record]:
         """Parse a block of lines; None (a line that was not UTF-8) is unparsed."""
@@ -455,7 +458,9 @@ class LineParser:
                 return self._pickup(line, m, h, t, names)
             return self._any(line, m, h, t, names)
         except Exception:  # a parser bug must not stop ingestion; the line is counted
-            log.exception("parser failed line=%.200r", line)
+            self._failures += 1
+            if self._failures <= MAX_LOGGED_FAILURES:
+                log.exception("parser failed line=%.200r", line)
             return UNPARSED_HEADER
 
     def _program(self, tag: str) -> _Names | None:
