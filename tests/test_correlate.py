@@ -315,3 +315,59 @@ def test_take_reports_open_message_changes_for_persistence() -> None:
     second = corr.take()
     assert second.deletes == [("relay1", "AAAAA1")]
     assert [m[1] for m in second.upserts] == ["AAAAA2"]
+
+
+AMAVIS = [
+    "Dec  3 09:00:00 relay1 postfix/submission/smtpd[10]: AAAAA1: client=web[10.0.0.5], "
+    "sasl_method=PLAIN, sasl_username=alice",
+    queued("09:00:01", "AAAAA1", "alice@campus.example", nrcpt=2),
+    # amavis hands the scanned message back over XFORWARD before it answers Postfix
+    "Dec  3 09:00:02 relay1 postfix/smtpd[20]: BBBBB2: client=localhost[127.0.0.1], "
+    "orig_queue_id=AAAAA1, orig_client=web[10.0.0.5]",
+    queued("09:00:02", "BBBBB2", "alice@campus.example", nrcpt=2),
+    "Dec  3 09:00:03 relay1 postfix/smtp[30]: AAAAA1: to=<x@dest.example>, "
+    "relay=127.0.0.1[127.0.0.1]:10024, delay=2, delays=1/0/0/1, dsn=2.0.0, status=sent "
+    "(250 2.0.0 from MTA(smtp:[127.0.0.1]:10025): 250 2.0.0 Ok: queued as BBBBB2)",
+    "Dec  3 09:00:03 relay1 postfix/smtp[30]: AAAAA1: to=<y@dest.example>, "
+    "relay=127.0.0.1[127.0.0.1]:10024, delay=2, delays=1/0/0/1, dsn=2.0.0, status=sent "
+    "(250 2.0.0 from MTA(smtp:[127.0.0.1]:10025): 250 2.0.0 Ok: queued as BBBBB2)",
+    removed("09:00:03", "AAAAA1"),
+    delivery("09:00:04", "BBBBB2", "x@dest.example", "sent"),
+    delivery("09:00:04", "BBBBB2", "y@dest.example", "bounced"),
+    removed("09:00:04", "BBBBB2"),
+]
+
+
+def test_content_filter_round_trip_is_one_message() -> None:
+    counts, corr, details = tally(AMAVIS)
+    r = row(counts, "alice@campus.example")
+    assert (r["messages"], r["auth_rcv"], r["sent"], r["bounced"]) == (1, 1, 1, 1)
+    assert corr.stats.hops == 2
+    assert [(d[2], d[4], d[6]) for d in details] == [
+        ("10.0.0.5", "BBBBB2", "sent"),
+        ("10.0.0.5", "BBBBB2", "bounced"),
+    ]
+    # identity: sasl follows the message through the filter
+    counts, _, _ = tally(AMAVIS, CorrelatorSettings(identity="sasl"))
+    assert (row(counts, "alice")["messages"], row(counts, "alice")["sent"]) == (1, 1)
+
+
+def test_content_filter_without_xforward_is_configured() -> None:
+    lines = [
+        line.replace(", orig_queue_id=AAAAA1, orig_client=web[10.0.0.5]", "").replace(
+            "postfix/smtpd[20]", "postfix/10025/smtpd[20]"
+        )
+        for line in AMAVIS
+    ]
+    counts, _, _ = tally(lines)  # not configured: two messages, four deliveries
+    assert (
+        row(counts, "alice@campus.example")["messages"],
+        row(counts, "alice@campus.example")["sent"],
+    ) == (2, 3)
+    settings = CorrelatorSettings(
+        content_filters=("[127.0.0.1]:10024",), reinject_services=frozenset({"10025"})
+    )
+    counts, corr, _ = tally(lines, settings)
+    r = row(counts, "alice@campus.example")
+    assert (r["messages"], r["auth_rcv"], r["sent"], r["bounced"]) == (1, 1, 1, 1)
+    assert corr.stats.hops == 2

@@ -60,6 +60,8 @@ class CorrelateSection(_Section):
     auth_services: list[str] = Field(default_factory=lambda: sorted(_DEFAULTS.auth_services))
     strip_extension: bool = False
     recipient_delimiter: str = Field(default="+", min_length=1, max_length=1)
+    content_filters: list[str] = Field(default_factory=list)
+    reinject_services: list[str] = Field(default_factory=list)
 
     @field_validator("max_age", "reorder_window", mode="before")
     @classmethod
@@ -138,6 +140,8 @@ class Config(_Section):
             max_open=c.max_open,
             max_age=c.max_age,
             reorder_window=c.reorder_window,
+            content_filters=tuple(c.content_filters),
+            reinject_services=frozenset(c.reinject_services),
         )
 
 

@@ -60,6 +60,11 @@ class CorrelatorSettings:
     max_open: int = 200_000  # open messages kept before the oldest is evicted
     max_age: float = 8 * 86400.0  # seconds of log time; Postfix gives up after 5 days
     reorder_window: float = 30.0  # seconds a removed message still takes late lines
+    # After-queue content filters (amavis...): deliveries to these relays are hops, and
+    # mail back from them (smtpd logs orig_queue_id=, or one of reinject_services) is
+    # the same message, not a new one.
+    content_filters: tuple[str, ...] = ()
+    reinject_services: frozenset[str] = frozenset()
 
 
 @dataclass(init=False)
@@ -78,6 +83,8 @@ class OpenMessage:
     removed_ts: float | None
     pending: list[PendingDelivery] | None
     persisted: bool
+    reinjected: bool  # came back from a content filter: counted when it first came in
+    filtered: bool  # went to a content filter: its deliveries are hops
 
     # Written out so that mypyc compiles it (see parse.py): one per message.
     def __init__(
@@ -94,12 +101,15 @@ class OpenMessage:
         removed_ts: float | None = None,
         pending: list[PendingDelivery] | None = None,
         persisted: bool = False,
+        reinjected: bool = False,
+        filtered: bool = False,
     ) -> None:
         self.host, self.queue_id, self.first_ts = host, queue_id, first_ts
         self.client_name, self.client_ip = client_name, client_ip
         self.sasl_username, self.service, self.sender = sasl_username, service, sender
         self.counted, self.removed_ts, self.pending = counted, removed_ts, pending
         self.persisted = persisted
+        self.reinjected, self.filtered = reinjected, filtered
 
     def row(self) -> OpenRow:
         """Return a snapshot in the store's column order."""
@@ -112,7 +122,7 @@ class OpenMessage:
             self.sasl_username,
             self.service,
             self.sender,
-            int(self.counted),
+            self.counted | self.reinjected << 1 | self.filtered << 2,
             self.removed_ts,
             json.dumps(self.pending) if self.pending else None,
         )
@@ -120,7 +130,7 @@ class OpenMessage:
     @classmethod
     def from_row(cls, row: OpenRow) -> OpenMessage:
         """Rebuild a message persisted by an earlier run."""
-        host, qid, first_ts, name, addr, user, service, sender, counted, removed, pending = row
+        host, qid, first_ts, name, addr, user, service, sender, flags, removed, pending = row
         waiting = [(p[0], p[1], p[2], p[3]) for p in json.loads(pending)] if pending else None
         return cls(
             host,
@@ -131,10 +141,12 @@ class OpenMessage:
             user,
             service,
             sender,
-            bool(counted),
+            bool(flags & 1),
             removed,
             waiting,
             persisted=True,
+            reinjected=bool(flags & 2),
+            filtered=bool(flags & 4),
         )
 
 
@@ -151,6 +163,7 @@ class CorrelateStats:
     auth_failures: int = 0
     evicted: int = 0
     orphan_deliveries: int = 0  # deliveries of messages whose sender was never seen
+    hops: int = 0  # deliveries to a content filter, not counted
     unattributed: int = 0  # rejects/auth failures naming no sender
 
 
@@ -312,6 +325,14 @@ class Correlator:
         msg = self._start(rec.host, rec.queue_id, rec.ts)
         msg.client_name, msg.client_ip = rec.client_name, rec.client_ip
         msg.sasl_username, msg.service = rec.sasl_username, rec.service
+        if rec.orig_queue_id or rec.service in self.settings.reinject_services:
+            msg.reinjected = True
+            origin = self._find((rec.host, rec.orig_queue_id)) if rec.orig_queue_id else None
+            if origin is not None:  # report the real client, not the filter
+                msg.client_name, msg.client_ip = origin.client_name, origin.client_ip
+                msg.sasl_username = origin.sasl_username
+                origin.filtered = True
+                self._dirty.add((origin.host, origin.queue_id))
 
     def _pickup(self, rec: Pickup) -> None:
         if rec.ts > self.last_ts:
@@ -335,10 +356,11 @@ class Correlator:
         msg.sender = self._key_of(msg, rec.sender)
         msg.counted = True
         self._dirty.add(key)
-        self.stats.messages += 1
-        self._bump(msg.sender, rec.ts, MESSAGES)
-        if msg.sasl_username:
-            self._bump(msg.sender, rec.ts, AUTH_RCV)
+        if not msg.reinjected:
+            self.stats.messages += 1
+            self._bump(msg.sender, rec.ts, MESSAGES)
+            if msg.sasl_username:
+                self._bump(msg.sender, rec.ts, AUTH_RCV)
         if msg.pending:
             for pending in msg.pending:
                 self._count_delivery(msg, *pending)
@@ -356,6 +378,9 @@ class Correlator:
         response = rec.response
         key = (rec.host, rec.queue_id)
         msg = self._find(key)
+        if (msg is not None and msg.filtered) or self._to_filter(rec.relay):
+            self.stats.hops += 1
+            return
         if msg is None:
             msg = self.open[key] = OpenMessage(rec.host, rec.queue_id, rec.ts)
             self._bound(rec.ts)
@@ -368,6 +393,10 @@ class Correlator:
             self._dirty.add(key)
             return
         self._count_delivery(msg, rec.ts, rec.recipient, rec.status, response)
+
+    def _to_filter(self, relay: str) -> bool:
+        filters = self.settings.content_filters
+        return bool(filters) and any(relay.endswith(f) for f in filters)
 
     def _count_delivery(
         self, msg: OpenMessage, ts: float, recipient: str, status: str, response: str

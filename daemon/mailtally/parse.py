@@ -76,6 +76,7 @@ class Client:
     client_ip: str
     sasl_method: str | None
     sasl_username: str | None
+    orig_queue_id: str | None  # set when a content filter hands the message back (XFORWARD)
 
     def __init__(
         self,
@@ -87,6 +88,7 @@ class Client:
         client_ip: str,
         sasl_method: str | None,
         sasl_username: str | None,
+        orig_queue_id: str | None = None,
     ) -> None:
         self.ts = ts
         self.host = host
@@ -96,6 +98,7 @@ class Client:
         self.client_ip = client_ip
         self.sasl_method = sasl_method
         self.sasl_username = sasl_username
+        self.orig_queue_id = orig_queue_id
 
 
 @dataclass
@@ -592,6 +595,7 @@ class LineParser:
             return UNPARSED_TIMESTAMP
         method = _field(line, ", sasl_method=", field_end)
         user = _field(line, ", sasl_username=", field_end)
+        origin = _field(line, ", orig_queue_id=", field_end)
         return Client(
             ts,
             self._host(line, h, t, names),
@@ -601,6 +605,7 @@ class LineParser:
             line[bracket + 1 : close],
             method,
             user,
+            origin,
         )
 
     def _reject(

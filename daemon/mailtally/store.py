@@ -61,7 +61,7 @@ MIGRATIONS: tuple[str, ...] = (
         sasl_username TEXT,
         service       TEXT NOT NULL,
         sender        TEXT,
-        counted       INTEGER NOT NULL,
+        flags         INTEGER NOT NULL,     -- 1 counted, 2 reinjected, 4 filtered
         removed_ts    REAL,
         pending       TEXT,                 -- JSON list of deliveries awaiting a sender
         PRIMARY KEY (host, queue_id)
@@ -93,7 +93,7 @@ _INSERT_DETAIL = (
 DAY_SECONDS = 86400
 _UPSERT_OPEN = (
     "INSERT OR REPLACE INTO open_messages (host, queue_id, first_ts, client_name, client_ip,"
-    " sasl_username, service, sender, counted, removed_ts, pending)"
+    " sasl_username, service, sender, flags, removed_ts, pending)"
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
@@ -204,7 +204,7 @@ class Store:
         """Yield the open messages persisted by earlier runs."""
         for row in self.conn.execute(
             "SELECT host, queue_id, first_ts, client_name, client_ip, sasl_username, service,"
-            " sender, counted, removed_ts, pending FROM open_messages"
+            " sender, flags, removed_ts, pending FROM open_messages"
         ):
             yield OpenMessage.from_row(row)
 
