@@ -371,3 +371,20 @@ def test_content_filter_without_xforward_is_configured() -> None:
     r = row(counts, "alice@campus.example")
     assert (r["messages"], r["auth_rcv"], r["sent"], r["bounced"]) == (1, 1, 1, 1)
     assert corr.stats.hops == 2
+
+
+def test_content_filter_returning_to_a_second_instance() -> None:
+    lines = [
+        line.replace("relay1 postfix/smtpd[20]: BBBBB2", "relay1 postfix-out/smtpd[20]: BBBBB2")
+        .replace("relay1 postfix/qmgr[11]: BBBBB2", "relay1 postfix-out/qmgr[11]: BBBBB2")
+        .replace("relay1 postfix/smtp[12]: BBBBB2", "relay1 postfix-out/smtp[12]: BBBBB2")
+        .replace(
+            "relay1 postfix/qmgr[11]: BBBBB2: removed",
+            "relay1 postfix-out/qmgr[11]: BBBBB2: removed",
+        )
+        for line in AMAVIS
+    ]
+    counts, _, details = tally(lines)
+    r = row(counts, "alice@campus.example")
+    assert (r["messages"], r["sent"], r["bounced"]) == (1, 1, 1)
+    assert {d[3] for d in details} == {"relay1/postfix-out"}

@@ -327,12 +327,16 @@ class Correlator:
         msg.sasl_username, msg.service = rec.sasl_username, rec.service
         if rec.orig_queue_id or rec.service in self.settings.reinject_services:
             msg.reinjected = True
-            origin = self._find((rec.host, rec.orig_queue_id)) if rec.orig_queue_id else None
+            origin = self._origin(rec.host, rec.orig_queue_id) if rec.orig_queue_id else None
             if origin is not None:  # report the real client, not the filter
                 msg.client_name, msg.client_ip = origin.client_name, origin.client_ip
                 msg.sasl_username = origin.sasl_username
                 origin.filtered = True
                 self._dirty.add((origin.host, origin.queue_id))
+
+    def _origin(self, host: str, qid: str) -> OpenMessage | None:
+        """Find the message a filter handed back: same instance, else the host's first."""
+        return self._find((host, qid)) or self._find((host.split("/", 1)[0], qid))
 
     def _pickup(self, rec: Pickup) -> None:
         if rec.ts > self.last_ts:
