@@ -388,3 +388,17 @@ def test_content_filter_returning_to_a_second_instance() -> None:
     r = row(counts, "alice@campus.example")
     assert (r["messages"], r["sent"], r["bounced"]) == (1, 1, 1)
     assert {d[3] for d in details} == {"relay1/postfix-out"}
+
+
+def test_soft_bounce_counts_as_deferred() -> None:
+    counts, _, details = tally(
+        [
+            queued("09:00:01", "AAAAA1", "alice@campus.example"),
+            delivery("09:00:02", "AAAAA1", "x@dest.example", "SOFTBOUNCE", dsn="5.1.1"),
+        ]
+    )
+    assert (
+        row(counts, "alice@campus.example")["deferred"],
+        row(counts, "alice@campus.example")["bounced"],
+    ) == (1, 0)
+    assert details[0][6] == "deferred"

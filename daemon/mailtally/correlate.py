@@ -377,8 +377,11 @@ class Correlator:
         if rec.ts > self.last_ts:
             self.last_ts = rec.ts
         self.stats.deliveries += 1
-        if rec.status not in COUNTED_STATUSES:
-            return  # address verification probes and the like
+        status = rec.status
+        if status not in COUNTED_STATUSES:
+            if status != "SOFTBOUNCE":
+                return  # address verification probes and the like
+            status = "deferred"  # soft_bounce = yes: a bounce kept in the queue
         response = rec.response
         key = (rec.host, rec.queue_id)
         msg = self._find(key)
@@ -393,10 +396,10 @@ class Correlator:
             # began): keep it until the sender is known, or count it orphaned.
             if msg.pending is None:
                 msg.pending = []
-            msg.pending.append((rec.ts, rec.recipient, rec.status, response))
+            msg.pending.append((rec.ts, rec.recipient, status, response))
             self._dirty.add(key)
             return
-        self._count_delivery(msg, rec.ts, rec.recipient, rec.status, response)
+        self._count_delivery(msg, rec.ts, rec.recipient, status, response)
 
     def _to_filter(self, relay: str) -> bool:
         filters = self.settings.content_filters
