@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import random
 import signal
 import sqlite3
 import subprocess
@@ -254,7 +255,7 @@ def _counters(db: Path) -> list[tuple[object, ...]]:
 def test_kill_9_during_ingest_loses_and_doubles_nothing(tmp_path: Path) -> None:
     # Many senders, deferrals spanning batches, so open messages cross commits.
     lines: list[str] = []
-    for i in range(12_000):
+    for i in range(30_000):
         t = stamp(START + timedelta(seconds=i))
         qid = f"{0xB00000 + i:X}"
         sender = f"user{i % 97}@campus.example"
@@ -276,12 +277,17 @@ def test_kill_9_during_ingest_loses_and_doubles_nothing(tmp_path: Path) -> None:
     cfg.write_text("timezone: UTC\ningest: {batch_lines: 500}\n", encoding="utf-8")
 
     clean = tmp_path / "clean.db"
+    started = time.monotonic()
     run_cli("ingest", "--config", cfg, "--db", clean, log)
+    took = time.monotonic() - started
     expected = _counters(clean)
 
     crashed = tmp_path / "crashed.db"
     kills = 0
-    for delay in (0.35, 0.5, 0.7, 0.9, 1.1):
+    chance = random.Random(7)
+    # Kill points spread over one uninterrupted run's duration; each run resumes
+    # where the killed one had committed.
+    for delay in sorted(chance.uniform(0.15, 0.6) * took for _ in range(6)):
         proc = subprocess.Popen(
             [
                 sys.executable,
@@ -302,7 +308,7 @@ def test_kill_9_during_ingest_loses_and_doubles_nothing(tmp_path: Path) -> None:
             kills += 1
         proc.wait(timeout=60)
     run_cli("ingest", "--config", cfg, "--db", crashed, log)
-    assert kills >= 1, "ingest finished before any kill; make the log longer"
+    assert kills >= 2, f"ingest finished before the kills ({took:.2f} s); make the log longer"
     assert _counters(crashed) == expected
 
 
