@@ -8,3 +8,12 @@ VENV=${VENV:-.venv}
 "$VENV/bin/ruff" check daemon tests bench scenario
 "$VENV/bin/mypy"
 "$VENV/bin/pytest"
+
+# The parser and correlator once more as plain Python (the fallback where mypyc is
+# missing): a copy of the package without its compiled modules.
+pure=$(mktemp -d)
+trap 'rm -rf "$pure"' EXIT
+cp -r daemon/mailtally "$pure/"
+find "$pure" -name '*.so' -delete
+MAILTALLY_EXPECT_PURE=1 PYTHONPATH="$pure" "$VENV/bin/pytest" -q -o pythonpath="$pure" tests/test_parse.py \
+    tests/test_correlate.py
