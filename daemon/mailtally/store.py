@@ -244,11 +244,6 @@ class Store:
         )
         return [(r[0], DayRow(*r[1:])) for r in rows]
 
-    def days(self) -> tuple[str | None, str | None]:
-        """Return the first and last day with any counter."""
-        first, last = self.conn.execute("SELECT min(day), max(day) FROM counters").fetchone()
-        return first, last
-
 
 def open_store(path: Path) -> Store:
     """Open (creating and migrating as needed) the store for writing."""
