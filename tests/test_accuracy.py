@@ -19,32 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import report
+from conftest import report, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 SCENARIO_DATA = ROOT / "tests" / "data" / "scenario"
 RUN_SCENARIO = ROOT / "scenario" / "run.py"
 LOG_FORMATS = ("mail.log", "mail.log.rfc3339", "maillog_file.log")
 SUMMED = ("auth_blk", "auth_rcv", "bounced", "deferred", "expired", "sent")
-
-
-def mailtally(*args: str | Path) -> str:
-    """Run the real CLI in a child process; return stdout, fail with its stderr."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "daemon"), "TZ": "UTC"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "mailtally", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-        cwd=ROOT,
-        env=env,
-    )
-    if proc.returncode != 0:
-        pytest.fail(
-            f"mailtally {' '.join(map(str, args))} exited {proc.returncode}: {proc.stderr}"
-        )
-    return proc.stdout
 
 
 def last_stamp(rfc3339_log: Path) -> datetime:
@@ -102,7 +83,7 @@ def check_against_truth(log_dir: Path, name: str, tmp_path: Path) -> None:
     assert truth["timezone"] == "UTC"
     config = write_config(tmp_path)
     db = tmp_path / "tally.db"
-    mailtally("ingest", "--config", config, "--db", db, copy_log(log_dir, name, tmp_path))
+    run_cli("ingest", "--config", config, "--db", db, copy_log(log_dir, name, tmp_path))
 
     problems = []
     for sender, truth_days in truth["senders"].items():
