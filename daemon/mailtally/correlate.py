@@ -21,6 +21,7 @@ from mailtally.parse import (
     Delivery,
     Expired,
     Foreign,
+    Other,
     Pickup,
     Queued,
     Record,
@@ -178,6 +179,18 @@ class Batch:
     last_ts: float | None
 
 
+def normalise(address: str, settings: CorrelatorSettings) -> str:
+    """Return the counting key of an envelope address or SASL username (lower case)."""
+    if not address:
+        return NULL_SENDER
+    address = address.lower()
+    if settings.strip_extension:
+        local, at, domain = address.rpartition("@")
+        if at and settings.recipient_delimiter in local:
+            address = local.split(settings.recipient_delimiter, 1)[0] + at + domain
+    return address
+
+
 class DayOf:
     """Map epoch seconds to the ISO local date in `tz`, caching the current day's span."""
 
@@ -239,6 +252,17 @@ class Correlator:
                 self._one(rec)
 
     def _one(self, rec: Record) -> None:
+        if isinstance(rec, Other):
+            return
+        if isinstance(rec, Foreign):
+            self.stats.foreign += 1
+            return
+        if isinstance(rec, Unparsed):
+            unparsed = self.stats.unparsed
+            unparsed[rec.reason] = unparsed.get(rec.reason, 0) + 1
+            return
+        if rec.ts > self.last_ts:  # every other record carries its line's time
+            self.last_ts = rec.ts
         # Most frequent first; an isinstance chain compiles to plain type checks.
         if isinstance(rec, Delivery):
             self._delivery(rec)
@@ -256,12 +280,7 @@ class Correlator:
             self._pickup(rec)
         elif isinstance(rec, Expired):
             self._expired(rec)
-        elif isinstance(rec, Foreign):
-            self.stats.foreign += 1
-        elif isinstance(rec, Unparsed):
-            unparsed = self.stats.unparsed
-            unparsed[rec.reason] = unparsed.get(rec.reason, 0) + 1
-        # Other and Notification change no counter.
+        # Notification changes no counter.
 
     def take(self) -> Batch:
         """Return and forget everything that changed since the last call."""
@@ -280,14 +299,7 @@ class Correlator:
 
     def normalise(self, address: str) -> str:
         """Return the counting key of an envelope address or SASL username."""
-        if not address:
-            return NULL_SENDER
-        address = address.lower()
-        if self.settings.strip_extension:
-            local, at, domain = address.rpartition("@")
-            if at and self.settings.recipient_delimiter in local:
-                address = local.split(self.settings.recipient_delimiter, 1)[0] + at + domain
-        return address
+        return normalise(address, self.settings)
 
     def _key_of(self, msg: OpenMessage, sender: str) -> str:
         if self.settings.identity == "sasl" and msg.sasl_username:
@@ -313,15 +325,19 @@ class Correlator:
             self._drop(key, msg)
             msg = None
         if msg is None:
-            self._forget_closed(key)
-            msg = self.open[key] = OpenMessage(host, qid, ts)
-            self._bound(ts)
+            msg = self._new(host, qid, ts)
         self._dirty.add(key)
         return msg
 
+    def _new(self, host: str, qid: str, ts: float) -> OpenMessage:
+        """Open a message under (host, qid), replacing a removed one kept for late lines."""
+        key = (host, qid)
+        self._forget_closed(key)
+        msg = self.open[key] = OpenMessage(host, qid, ts)
+        self._bound(ts)
+        return msg
+
     def _client(self, rec: Client) -> None:
-        if rec.ts > self.last_ts:
-            self.last_ts = rec.ts
         msg = self._start(rec.host, rec.queue_id, rec.ts)
         msg.client_name, msg.client_ip = rec.client_name, rec.client_ip
         msg.sasl_username, msg.service = rec.sasl_username, rec.service
@@ -339,22 +355,16 @@ class Correlator:
         return self._find((host, qid)) or self._find((host.split("/", 1)[0], qid))
 
     def _pickup(self, rec: Pickup) -> None:
-        if rec.ts > self.last_ts:
-            self.last_ts = rec.ts
         msg = self._start(rec.host, rec.queue_id, rec.ts)
         msg.client_name, msg.client_ip, msg.service = "pickup", LOCAL_CLIENT, rec.service
 
     def _queued(self, rec: Queued) -> None:
-        if rec.ts > self.last_ts:
-            self.last_ts = rec.ts
         key = (rec.host, rec.queue_id)
         msg = self.open.get(key)
         if msg is None:
             # Bounces, forwarded mail and mail queued before our log begins have no
             # smtpd/pickup line; a from= after "removed" is a new message.
-            self._forget_closed(key)
-            msg = self.open[key] = OpenMessage(rec.host, rec.queue_id, rec.ts)
-            self._bound(rec.ts)
+            msg = self._new(rec.host, rec.queue_id, rec.ts)
         if msg.counted:
             return  # qmgr logs from= again each time a deferred message is retried
         msg.sender = self._key_of(msg, rec.sender)
@@ -374,8 +384,6 @@ class Correlator:
         return self.open.get(key) or self.closed.get(key)
 
     def _delivery(self, rec: Delivery) -> None:
-        if rec.ts > self.last_ts:
-            self.last_ts = rec.ts
         self.stats.deliveries += 1
         status = rec.status
         if status not in COUNTED_STATUSES:
@@ -389,8 +397,7 @@ class Correlator:
             self.stats.hops += 1
             return
         if msg is None:
-            msg = self.open[key] = OpenMessage(rec.host, rec.queue_id, rec.ts)
-            self._bound(rec.ts)
+            msg = self._new(rec.host, rec.queue_id, rec.ts)
         if msg.sender is None:
             # Seen before the message's from= (reordered lines, or queued before the log
             # began): keep it until the sender is known, or count it orphaned.
@@ -415,8 +422,6 @@ class Correlator:
         )
 
     def _expired(self, rec: Expired) -> None:
-        if rec.ts > self.last_ts:
-            self.last_ts = rec.ts
         msg = self._find((rec.host, rec.queue_id))
         sender = msg.sender if msg is not None and msg.sender else self.normalise(rec.sender)
         self._bump(sender, rec.ts, STATUS_COLUMN["expired"])
@@ -434,8 +439,6 @@ class Correlator:
         )
 
     def _removed(self, rec: Removed) -> None:
-        if rec.ts > self.last_ts:
-            self.last_ts = rec.ts
         key = (rec.host, rec.queue_id)
         msg = self.open.pop(key, None)
         if msg is None:
@@ -449,8 +452,6 @@ class Correlator:
         self._prune_closed(rec.ts)
 
     def _reject(self, rec: Reject) -> None:
-        if rec.ts > self.last_ts:
-            self.last_ts = rec.ts
         self.stats.rejects += 1
         msg = self.open.get((rec.host, rec.queue_id)) if rec.queue_id else None
         if rec.sender is None:
@@ -473,8 +474,6 @@ class Correlator:
         )
 
     def _auth_failure(self, rec: AuthFailure) -> None:
-        if rec.ts > self.last_ts:
-            self.last_ts = rec.ts
         self.stats.auth_failures += 1
         if not rec.username:
             self.stats.unattributed += 1
