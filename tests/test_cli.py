@@ -218,3 +218,22 @@ def test_check_config_names_file_line_and_key(tmp_path: Path) -> None:
 def test_example_config_is_valid() -> None:
     proc = run_cli("check-config", ROOT / "etc" / "mailtally.yaml")
     assert proc.stdout.strip().endswith(": ok")
+
+
+def test_report_looks_the_sender_up_as_it_was_counted(tmp_path: Path) -> None:
+    cfg = tmp_path / "strip.yaml"
+    cfg.write_text("timezone: UTC\ncorrelate: {strip_extension: true}\n", encoding="utf-8")
+    t = stamp(START)
+    log = write_log(
+        tmp_path / "mail.log",
+        [
+            f"{t} relay1 postfix/qmgr[11]: C0FFEE1: from=<Alice+Lists@Campus.Example>, size=1, "
+            "nrcpt=1 (queue active)"
+        ],
+        mtime=START + timedelta(hours=1),
+    )
+    db = tmp_path / "tally.db"
+    run_cli("ingest", "--config", cfg, "--db", db, log)
+    rep = report(db, cfg, "<alice+news@campus.example>", "2026-12-03", "2026-12-03")
+    assert rep["sender"] == "alice@campus.example"
+    assert rep["days"][0]["messages"] == 1

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from mailtally import __version__
 from mailtally.config import DEFAULT_PATH, Config, load_config
-from mailtally.correlate import COLUMNS
+from mailtally.correlate import COLUMNS, normalise
 from mailtally.errors import MailtallyError, UsageError
 from mailtally.ingest import Ingester, order_files, tune_gc
 from mailtally.report import (
@@ -318,8 +318,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     since = _day(args.since, tz) if args.since else until - timedelta(days=30)
     if since > until:
         raise UsageError(f"--since {since} is after --until {until}")
-    sender = args.sender.strip()
-    sender = "<>" if sender in {"", "<>"} else sender.strip("<>").lower()
+    # The same key the counters were kept under (case, +extension per the config).
+    sender = normalise(args.sender.strip().strip("<>"), config.correlator_settings())
     store = open_reader(config.database)
     try:
         report = build_report(store, sender, since, until, tz, details=args.details)
