@@ -137,7 +137,7 @@ def ensure_log(lines: int, seed: int, fmt: str) -> tuple[Path, dict[str, Any]]:
 def stage(name: str, fn: str, log: Path) -> Run:
     run, out = measure(name, [sys.executable, "-c", STAGE_CODE.format(fn=fn), str(log)])
     lines = int(out.strip()) if run.returncode == 0 and out.strip().isdigit() else 0
-    return Run(name, lines, run.wall, run.cpu, run.peak_mib, run.returncode, run.stderr)
+    return replace(run, name=name, lines=lines)
 
 
 def ingest(log: Path, lines: int) -> Run:
@@ -158,15 +158,7 @@ def ingest(log: Path, lines: int) -> Run:
         str(log),
     ]
     run, _ = measure("(c) ingest", cmd)
-    return Run(
-        run.name,
-        lines if run.returncode == 0 else 0,
-        run.wall,
-        run.cpu,
-        run.peak_mib,
-        run.returncode,
-        run.stderr,
-    )
+    return replace(run, lines=lines if run.returncode == 0 else 0)
 
 
 def find_pflogsumm() -> str | None:
@@ -178,15 +170,7 @@ def find_pflogsumm() -> str | None:
 
 def pflogsumm(exe: str, log: Path, lines: int) -> Run:
     run, _ = measure("(d) pflogsumm", [exe, str(log)], stdout_to=Path(os.devnull))
-    return Run(
-        run.name,
-        lines if run.returncode == 0 else 0,
-        run.wall,
-        run.cpu,
-        run.peak_mib,
-        run.returncode,
-        run.stderr,
-    )
+    return replace(run, lines=lines if run.returncode == 0 else 0)
 
 
 def best_rounds(n: int, stages: list[Callable[[], Run]]) -> list[Run]:
