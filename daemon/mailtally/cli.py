@@ -11,6 +11,7 @@ import time
 from collections.abc import Sequence
 from datetime import date, datetime, timedelta, tzinfo
 from pathlib import Path
+from typing import ClassVar
 
 from mailtally import __version__
 from mailtally.config import DEFAULT_PATH, Config, load_config
@@ -243,7 +244,30 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         formatter_class=_Formatter,
         epilog=EPILOG,
         help="follow the mail log as a daemon (systemd Type=notify)",
-        description="Follow the configured sources and keep the database current.",
+        description="""\
+Follow the configured sources (syslog files and/or the systemd journal) and keep the
+database current, committing a batch when it holds ingest.batch_lines lines or its
+oldest line is ingest.batch_interval old (default 200 ms). It counts exactly what
+'mailtally ingest' counts for the same lines, and shares its positions: a file or
+journal cursor is resumed where either left off.
+
+Files are followed across logrotate's rename+create, copytruncate, delaycompress and
+compress; after a stop, rotated files (mail.log.1, mail.log.2.gz, mail.log-DATE) are
+read on from the last position before the live file. Nothing is lost or counted twice
+by SIGTERM, kill -9 or a restart; a locked or full database is retried.
+
+signals:
+  SIGTERM, SIGINT  commit the last batch and exit
+  SIGHUP           reload the configuration; an invalid one is logged and ignored
+
+Under systemd (Type=notify) it sends READY=1 once positions are restored, WATCHDOG=1
+from its main loop when WatchdogSec= is set, STATUS= with lines/s, lag and open
+messages, and STOPPING=1 on SIGTERM. It logs to stderr with syslog priority prefixes
+for the journal (no timestamps of its own there).
+
+examples:
+  mailtally run --config /etc/mailtally/mailtally.yaml
+  systemctl enable --now mailtally""",
     )
     _common(p, db=False)
 
@@ -361,9 +385,14 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    raise MailtallyError(
-        "mailtally run: the live daemon is not part of this release yet; use 'mailtally ingest'"
-    )
+    from mailtally.daemon import Daemon  # keeps the other commands' start-up light
+
+    path = args.config
+    if path is None and DEFAULT_PATH.exists():
+        path = DEFAULT_PATH
+    config = load_config(path)
+    tune_gc()
+    return Daemon(config, path).run()
 
 
 COMMANDS = {
@@ -375,22 +404,40 @@ COMMANDS = {
 }
 
 
-def setup_logging(verbose: bool, debug: bool) -> None:
-    """Log to stderr; without timestamps under systemd, whose journal adds its own."""
-    under_journal = bool(os.environ.get("JOURNAL_STREAM"))
-    fmt = (
-        "%(levelname)s %(name)s: %(message)s"
-        if under_journal
-        else ("%(asctime)s %(levelname)s %(name)s: %(message)s")
-    )
-    level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
-    logging.basicConfig(level=level, format=fmt, stream=sys.stderr)
+class _JournalFormatter(logging.Formatter):
+    """Prefix each line with its syslog priority (``<3>``), which journald reads."""
+
+    PRIORITIES: ClassVar[dict[int, int]] = {
+        logging.CRITICAL: 2,
+        logging.ERROR: 3,
+        logging.WARNING: 4,
+        logging.INFO: 6,
+        logging.DEBUG: 7,
+    }
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        priority = self.PRIORITIES.get(record.levelno, 6)
+        return "\n".join(f"<{priority}>{line}" for line in text.splitlines())
+
+
+def setup_logging(verbose: bool, debug: bool, daemon: bool = False) -> None:
+    """Log to stderr; under systemd without timestamps, whose journal adds its own."""
+    level = logging.DEBUG if debug else logging.INFO if verbose or daemon else logging.WARNING
+    handler = logging.StreamHandler(sys.stderr)
+    if os.environ.get("JOURNAL_STREAM"):
+        handler.setFormatter(_JournalFormatter("%(name)s: %(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])
+    if daemon and not debug:
+        logging.getLogger("watchdog").setLevel(logging.WARNING)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    setup_logging(args.verbose, args.debug)
+    setup_logging(args.verbose, args.debug, daemon=args.command == "run")
     try:
         return COMMANDS[args.command](args)
     except MailtallyError as exc:

@@ -25,15 +25,15 @@ log = logging.getLogger(__name__)
 DEFAULT_PATH = Path("/etc/mailtally/mailtally.yaml")
 DEFAULT_DATABASE = Path("/var/lib/mailtally/mailtally.db")
 
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw]?)\Z")
-_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|[smhdw]?)\Z")
+_UNITS = {"": 1, "ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 _DEFAULTS = CorrelatorSettings()
 PositiveInt = Annotated[int, Field(gt=0, strict=True)]
 
 
 def parse_duration(value: object) -> float:
-    """Return seconds for ``90``, ``"30s"``, ``"15m"``, ``"8d"``; raise ValueError otherwise."""
+    """Return seconds for ``90``, ``"200ms"``, ``"30s"``, ``"8d"``; raise ValueError otherwise."""
     if isinstance(value, bool):
         raise ValueError("expected a duration such as 30s, 15m, 8d")
     if isinstance(value, int | float) and value > 0:
@@ -70,10 +70,18 @@ class CorrelateSection(_Section):
 
 
 class IngestSection(_Section):
-    """Batching of commits (``ingest:``)."""
+    """Reading and batching of commits (``ingest:``), for ``ingest`` and ``run``."""
 
     batch_lines: PositiveInt = 20_000
+    batch_interval: Duration = 0.2
+    poll_interval: Duration = 1.0
+    inotify: bool = True
     syslog_names: list[str] = Field(default_factory=lambda: ["postfix"], min_length=1)
+
+    @field_validator("batch_interval", "poll_interval", mode="before")
+    @classmethod
+    def _duration(cls, value: object) -> float:
+        return parse_duration(value)
 
 
 class JournalOptions(_Section):
@@ -82,7 +90,7 @@ class JournalOptions(_Section):
 
 
 class FileSourceConfig(_Section):
-    file: str
+    file: str = Field(min_length=1)  # a path or a glob (/var/log/mail/*.log)
 
 
 class JournalSourceConfig(_Section):

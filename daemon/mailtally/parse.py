@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 # A stamp this far past the reference time is taken to be from the previous year.
 FUTURE_SLACK = timedelta(days=1)
+REFRESH_SECONDS = 600.0  # how stale a live source's reference time may get
 # Longer lines are not Postfix logging (rsyslog's default limit is 8 KiB).
 MAX_LINE = 64 * 1024
 # Entries kept by the timestamp caches before they start over.
@@ -412,6 +413,12 @@ class LineParser:
         self._minutes: dict[str, float | None] = {}  # RFC 3339 minute and zone -> epoch
         self._programs: dict[str, _Names | None] = {}  # tag -> names, None if foreign
         self._failures = 0
+
+    def refresh(self, reference: float) -> None:
+        """Date year-less stamps from a new reference time (a live source: now)."""
+        if abs(reference - self.years.reference) >= REFRESH_SECONDS:
+            self.years = YearGuess(self.years.tz, reference)
+            self._stamps.clear()
 
     def parse_all(self, lines: list[str | None]) -> list[Record]:
         """Parse a block of lines; None (a line that was not UTF-8) is unparsed."""
