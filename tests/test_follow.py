@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from conftest import DATA
 from daemonproc import (
+    COUNTED,
     Running,
     append,
     daemon_config,
@@ -159,11 +160,8 @@ def test_rotated_several_times_while_stopped(
         append(log, parts[1])
         daemon.stop()  # maybe before it read parts[1]: the rest is read after the restart
     for i, part in enumerate(parts[2:]):
-        if "dateext" in options:
-            options_now = options + f"\n  dateformat -2026120{i}"
-        else:
-            options_now = options
-        logrotate(tmp_path, log, options_now)
+        dated = "dateext" in options
+        logrotate(tmp_path, log, options + f"\n  dateformat -2026120{i}" if dated else options)
         append(log, part)
         if "dateext" in options:  # logrotate's date names sort by date; so do mtimes
             time.sleep(0.02)
@@ -240,7 +238,7 @@ def test_globs_follow_several_files(tmp_path: Path) -> None:
             expected_dir / "relay1.log",
             expected_dir / "relay2.log",
         )
-        wait_equal(db, dump(expected_db))
+        wait_equal(db, dump(expected_db, COUNTED))
         daemon.stop()
 
 

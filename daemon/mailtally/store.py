@@ -245,12 +245,12 @@ class Store:
         return [(r[0], DayRow(*r[1:])) for r in rows]
 
 
-def open_store(path: Path) -> Store:
+def open_store(path: Path, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> Store:
     """Open (creating and migrating as needed) the store for writing."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
         mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if mode != "wal":
             log.warning("store not in WAL mode path=%s mode=%s", path, mode)

@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 LOCK_WAIT = 30.0  # seconds to wait for another writer (a killed run's child finishing)
 RETRY_FIRST = 0.1
 RETRY_MAX = 5.0
+# Retrying, the writer waits this long for a lock before it says so and backs off.
+RETRY_BUSY_MS = 1000
 
 
 def lock_path(database: Path) -> Path:
@@ -267,7 +269,7 @@ class _Child:
         self.queue.popleft()
         self.done += 1
         if self.failing_since is not None:
-            log.warning(
+            log.info(
                 "database write recovered after_seconds=%.1f",
                 time.monotonic() - self.failing_since,
             )
@@ -285,7 +287,7 @@ def _serve(path: Path, pipe: Connection, parent_end: Connection, retry: bool) ->
     # terminal's process group) must not kill the writer before the last batch is in.
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, signal.SIG_IGN)
-    store = open_store(path)
+    store = open_store(path, RETRY_BUSY_MS) if retry else open_store(path)
     try:
         _Child(store, pipe, retry).serve()
     finally:
