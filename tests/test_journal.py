@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import select
 import shutil
+import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -298,6 +299,21 @@ def test_rotation_and_vacuum_under_the_reader(
     assert warnings(caplog) == []
 
 
+def test_vacuum_of_the_file_being_read(
+    tmp_path: Path,
+    make: Make,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    directory = tmp_path / "journal"
+    archive(write_journal(directory, SCENARIO[:100]))
+    write_journal(directory, SCENARIO[100:200])
+    src = make(directory)
+    assert src.read(60) == parsed(SCENARIO)[:60]
+    vacuum(directory, keep_files=1)  # 60..99 are gone with the file the reader stands in
+    assert drain(src) == parsed(SCENARIO[:200])[100:]
+    assert warnings(caplog) == []
+
+
 def test_cursor_of_a_vacuumed_file_goes_on_after_it(
     tmp_path: Path,
     make: Make,
@@ -410,6 +426,11 @@ def test_invalid_stored_cursor_falls_back_to_start(
 
 
 def test_without_systemd_python(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # The module imports without it (the file source and check-config import it).
+    code = "import sys; sys.modules['systemd'] = None; import mailtally.sources.journal as j; "
+    code += "print(j.journal_missing())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout == MISSING + "\n"
     monkeypatch.setitem(sys.modules, "systemd", None)
     monkeypatch.setitem(sys.modules, "systemd.journal", None)
     assert journal_missing() == MISSING

@@ -58,8 +58,9 @@ _Fields = dict[str, bytes | list[bytes]]
 class _Reader(Protocol):
     """What this module uses of ``systemd.journal.Reader`` (sd-journal(3) underneath).
 
-    The underscore methods are python-systemd's C layer: they read one field or stamp
-    of the current entry, where ``get_next()`` converts every field of it (4x slower).
+    The underscore methods are python-systemd's C layer: ``_get_all()`` hands over the
+    current entry's fields as bytes, where ``get_next()`` also runs each one through a
+    Python converter (4.5x slower for a journald entry of 23 fields).
     """
 
     def fileno(self) -> int: ...
@@ -193,7 +194,7 @@ class JournalSource:
             consumed += 1
             if self._verify is not None and self._seen(reader, self._verify):
                 continue
-            # One pass over the entry's fields: each _get() scans them all again.
+            # One pass over the fields: four _get() calls, each a scan of them, took longer.
             fields = reader._get_all()
             try:
                 keep = idents[fields["SYSLOG_IDENTIFIER"]]  # type: ignore[index]
@@ -295,7 +296,9 @@ class JournalSource:
         self._reader, self._directory_id = reader, directory_id
         self._wake()  # entries may be waiting already: the reader's fd only tells of new ones
         if first:
-            log.info("journal open name=%s start=%s", self.name, self._cursor or self.start)
+            log.info(
+                "journal open name=%s start=%s cursor=%s", self.name, self.start, self._cursor
+            )
 
     def _wake(self) -> None:
         """Keep fileno() readable until the next read(): entries may be waiting."""
