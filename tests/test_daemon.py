@@ -15,6 +15,7 @@ import shutil
 import signal
 import sqlite3
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -22,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import DATA
+from conftest import DATA, ROOT
 from daemonproc import (
     COUNTED,
     Running,
@@ -33,6 +34,8 @@ from daemonproc import (
     wait_equal,
     wait_for,
 )
+from journalfiles import JOURNAL_REMOTE, write_journal
+from mailtally.sources.journal import journal_missing
 
 LINES = (DATA / "scenario" / "mail.log").read_text(encoding="utf-8").splitlines()
 
@@ -299,3 +302,65 @@ def test_logs_for_the_journal_carry_priorities_not_timestamps(tmp_path: Path) ->
     assert lines
     assert all(line.startswith(("<6>", "<4>")) for line in lines), lines
     assert not any(re.search(r"\d\d:\d\d:\d\d", line) for line in lines), lines
+
+
+RFC3339 = (DATA / "scenario" / "mail.log.rfc3339").read_text(encoding="utf-8").splitlines()
+
+
+@pytest.mark.journal
+@pytest.mark.skipif(journal_missing() is not None, reason="needs systemd-python")
+@pytest.mark.skipif(not JOURNAL_REMOTE.exists(), reason="needs systemd-journal-remote")
+def test_journal_source_kill_9_and_sigterm_lose_and_double_nothing(tmp_path: Path) -> None:
+    journal = tmp_path / "journal"
+    db = tmp_path / "run.db"
+    cfg = daemon_config(
+        tmp_path,
+        db,
+        [f"{{journal: {{directory: {journal}, start: oldest}}}}"],
+        extra="ingest: {batch_lines: 20, batch_interval: 50ms}\n",
+    )
+    expected = ingested(tmp_path, cfg, RFC3339, "rfc3339")
+    chunks = [RFC3339[i : i + 60] for i in range(0, len(RFC3339), 60)]
+    write_journal(journal, chunks[0])
+    chance = random.Random(3)
+    try:
+        for i, chunk in enumerate(chunks[1:]):
+            daemon = Running(cfg, tmp_path)
+            write_journal(journal, chunk)  # appended while it starts and reads
+            time.sleep(chance.uniform(0.3, 0.7))
+            if i % 4 == 3:
+                daemon.stop()
+            else:
+                daemon.kill(whole_group=i % 3 == 2)
+        with Running(cfg, tmp_path) as daemon:
+            daemon.wait_ready()
+            wait_equal(db, expected)
+            daemon.stop()
+        assert dump(db) == expected
+    finally:
+        shutil.rmtree(journal, ignore_errors=True)  # 8 MiB a journal file
+
+
+def test_without_systemd_python_a_journal_config_says_what_to_install(tmp_path: Path) -> None:
+    journal_cfg = daemon_config(tmp_path, tmp_path / "j.db", ["{journal: {}}"], name="j.yaml")
+    file_cfg = daemon_config(tmp_path, tmp_path / "f.db", ["{file: /var/log/mail.log}"])
+    code = "import sys; sys.modules['systemd'] = None; from mailtally.cli import main; "
+    code += "sys.exit(main(sys.argv[1:]))"
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-c", code, *args],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=60,
+            env={**os.environ, "PYTHONPATH": str(ROOT / "daemon")},
+        )
+
+    for command in (["check-config", str(journal_cfg)], ["run", "--config", str(journal_cfg)]):
+        proc = cli(*command)
+        assert proc.returncode == 1, proc.stderr
+        last = proc.stderr.strip().splitlines()[-1]
+        assert "the journal source needs systemd-python: apt install python3-systemd" in last
+    proc = cli("check-config", str(file_cfg))
+    assert (proc.returncode, proc.stdout) == (0, f"{file_cfg}: ok\n")

@@ -118,6 +118,33 @@ def test_logrotate_create_delaycompress_while_running(
 
 
 @needs_logrotate
+def test_logrotate_create_compress_at_once_while_running(
+    tmp_path: Path, expected: dict[str, object]
+) -> None:
+    # Without delaycompress the rotated file is gzipped and deleted at once, maybe
+    # before the daemon read its end: the daemon still holds it open and reads it.
+    log = tmp_path / "mail.log"
+    db = tmp_path / "run.db"
+    cfg = daemon_config(tmp_path, db, [f"{{file: {log}}}"])
+    parts = chunks(LINES, 4)
+    append(log, parts[0])
+    with Running(cfg, tmp_path) as daemon:
+        daemon.wait_ready()
+        wait_read(db, log)
+        for i, part in enumerate(parts[1:]):
+            append(log, part)
+            logrotate(tmp_path, log, "  create\n  compress")
+            assert not (tmp_path / "mail.log.1").exists()
+            # The new, empty mail.log is open before the next lines arrive (on a relay
+            # rotations are hours apart).
+            opened = i + 2
+            wait_for(lambda n=opened: daemon.log().count("following path=") >= n, 10, "new file")
+        wait_equal(db, expected)
+        daemon.stop()
+    assert dump(db) == expected
+
+
+@needs_logrotate
 def test_logrotate_copytruncate_while_running(tmp_path: Path, expected: dict[str, object]) -> None:
     log = tmp_path / "mail.log"
     db = tmp_path / "run.db"

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from mailtally import __version__
-from mailtally.config import DEFAULT_PATH, Config, load_config
+from mailtally.config import DEFAULT_PATH, Config, JournalSourceConfig, load_config
 from mailtally.correlate import COLUMNS, normalise
 from mailtally.errors import MailtallyError, UsageError
 from mailtally.ingest import Ingester, order_files, tune_gc
@@ -379,7 +379,13 @@ def cmd_top(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    load_config(args.file)
+    config = load_config(args.file)
+    if any(isinstance(s, JournalSourceConfig) for s in config.sources):
+        from mailtally.sources.journal import journal_missing
+
+        missing = journal_missing()
+        if missing is not None:
+            raise MailtallyError(f"{args.file}: sources: {missing}")
     print(f"{args.file}: ok")
     return 0
 

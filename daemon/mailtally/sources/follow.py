@@ -131,7 +131,9 @@ class FileFollower:
         self.syslog_names = syslog_names
         self.now = now
         self._live: dict[tuple[int, int], _Live] = {}
-        self._skip: set[tuple[int, int]] = set()  # compressed or duplicate files matched
+        # Matched files not to follow (compressed, or a copy of one followed), with their
+        # ctime: a new file that reuses such an inode is looked at afresh.
+        self._skip: dict[tuple[int, int], int] = {}
         self._backlog: list[_Backlog] = []
         self._moved: dict[str, Position] = {}
         self._warned: dict[str, str] = {}
@@ -222,7 +224,7 @@ class FileFollower:
                 offset = pos.offset if pos is not None else 0
                 if offset < c.size or c.gzip:
                     log.info("reading rotated file path=%s from_offset=%d", c.path, offset)
-                    self._backlog.append(_Backlog(c.path, c.source, offset))
+                    self._queue(c.path, c.source, offset)
 
     # -- following -----------------------------------------------------------------
 
@@ -252,12 +254,12 @@ class FileFollower:
             seen.add(key)
             live = self._live.get(key)
             if live is None:
-                if key not in self._skip:
+                if self._skip.get(key) != st.st_ctime_ns:
                     self._open(path, key)
                 continue
             live.path = path
             live.gone_since = None
-        for key, live in self._live.items():
+        for key, live in list(self._live.items()):
             if key not in seen and live.gone_since is None:
                 live.gone_since = now
                 log.info("file rotated away, reading it to its end path=%s", live.path)
@@ -275,7 +277,7 @@ class FileFollower:
             stream.close()
             return
         if os.pread(stream.fileno(), 2, 0) == GZIP_MAGIC:
-            self._skip.add(key)
+            self._skip[key] = st.st_ctime_ns
             stream.close()
             return
         live = _Live(path, stream, *key, parser=self._parser(), grew_at=self.now())
@@ -291,7 +293,7 @@ class FileFollower:
             return
         if any(o.source == source for o in self._live.values() if o is not live):
             # The same file under another matched name (a copy): read only one of them.
-            self._skip.add((live.dev, live.ino))
+            self._skip[(live.dev, live.ino)] = os.fstat(live.stream.fileno()).st_ctime_ns
             del self._live[(live.dev, live.ino)]
             live.stream.close()
             return
@@ -331,7 +333,7 @@ class FileFollower:
         )
         copy = self._find_copy(live)
         if copy is not None:
-            self._backlog.append(_Backlog(copy, live.source, live.offset))
+            self._queue(copy, live.source, live.offset)
         else:
             log.warning(
                 "file truncated and no rotated copy found, lines after offset lost"
@@ -374,12 +376,30 @@ class FileFollower:
             live.grew_at = now
             self._moved[live.source] = Position(live.source, live.offset, name=str(live.path))
 
+    def _queue(self, path: Path, source: str, offset: int) -> None:
+        """Open a closed file now (logrotate may compress and delete it) to read it next."""
+        item = _Backlog(path, source, offset)
+        for _ in range(3):  # mail.log.1 may turn into mail.log.1.gz between look and open
+            try:
+                item.stream = open_log(item.path)
+                break
+            except SourceError:
+                found = [p for p in family(path) if _head(p)[0] == source]
+                if not found:
+                    break
+                item.path = found[0]
+        if item.stream is None:
+            log.warning("rotated file vanished, its rest is lost path=%s offset=%d", path, offset)
+            return
+        self._backlog.append(item)
+
     def _read_backlog(self, item: _Backlog, out: list[Record], limit: int) -> None:
         try:
             if item.blocks is None:
-                item.stream = open_log(item.path)
+                assert item.stream is not None
                 item.stream.seek(item.offset)
-                item.parser = LineParser(self.tz, item.path.stat().st_mtime, self.syslog_names)
+                mtime = os.fstat(item.stream.fileno()).st_mtime
+                item.parser = LineParser(self.tz, mtime, self.syslog_names)
                 item.blocks = read_blocks(
                     item.stream, final=isinstance(item.stream, gzip.GzipFile)
                 )
