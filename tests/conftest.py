@@ -101,3 +101,11 @@ def utc_config(tmp_path: Path) -> Path:
 
 def utc(*fields: int) -> datetime:
     return datetime(*fields, tzinfo=UTC)  # type: ignore[misc]
+
+
+@pytest.fixture
+def expected(tmp_path: Path) -> dict[str, Any]:
+    """The database one uninterrupted `mailtally ingest` of the scenario log leaves."""
+    from daemonproc import scenario_expected
+
+    return scenario_expected(tmp_path)

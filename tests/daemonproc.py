@@ -15,10 +15,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from conftest import ROOT, run_cli
+from conftest import DATA, ROOT, run_cli
+
+# A log a real Postfix 3.7 wrote (scenario/), the input of most daemon tests.
+SCENARIO = (DATA / "scenario" / "mail.log").read_text(encoding="utf-8").splitlines()
 
 # Row order is not part of what is stored; details ids are an artefact of batching.
 _DUMPS = {
@@ -233,6 +237,26 @@ def daemon_config(
     path = tmp / name
     path.write_text(text, encoding="utf-8")
     return path
+
+
+@dataclass(frozen=True)
+class FileRun:
+    """The usual set-up: one log file followed into one database."""
+
+    log: Path
+    db: Path
+    config: Path
+
+
+def file_run(tmp: Path, extra: str = "") -> FileRun:
+    log, db = tmp / "mail.log", tmp / "run.db"
+    return FileRun(log, db, daemon_config(tmp, db, [f"{{file: {log}}}"], extra=extra))
+
+
+def scenario_expected(tmp: Path) -> dict[str, Any]:
+    """What `mailtally ingest` stores for the whole scenario log."""
+    cfg = daemon_config(tmp, tmp / "unused.db", ["{file: /nonexistent}"], name="x.yaml")
+    return ingested(tmp, cfg, SCENARIO, "whole")
 
 
 def append(path: Path, lines: Iterable[str]) -> None:

@@ -26,10 +26,12 @@ import pytest
 from conftest import DATA, ROOT
 from daemonproc import (
     COUNTED,
+    SCENARIO,
     Running,
     append,
     daemon_config,
     dump,
+    file_run,
     ingested,
     wait_equal,
     wait_for,
@@ -37,13 +39,7 @@ from daemonproc import (
 from journalfiles import JOURNAL_REMOTE, write_journal
 from mailtally.sources.journal import journal_missing
 
-LINES = (DATA / "scenario" / "mail.log").read_text(encoding="utf-8").splitlines()
-
-
-@pytest.fixture
-def expected(tmp_path: Path) -> dict[str, object]:
-    cfg = daemon_config(tmp_path, tmp_path / "unused.db", ["{file: /nonexistent}"], name="x.yaml")
-    return ingested(tmp_path, cfg, LINES, "whole")
+LINES = SCENARIO
 
 
 class Feeder(threading.Thread):
@@ -75,15 +71,9 @@ def committed_offset(db: Path) -> int:
 def test_kill_9_at_random_points_loses_and_doubles_nothing(
     tmp_path: Path, expected: dict[str, object]
 ) -> None:
-    log = tmp_path / "mail.log"
-    db = tmp_path / "run.db"
     # Small batches: every kill lands among many commits, mostly in the middle of one.
-    cfg = daemon_config(
-        tmp_path,
-        db,
-        [f"{{file: {log}}}"],
-        extra="ingest: {batch_lines: 20, batch_interval: 50ms}\n",
-    )
+    run = file_run(tmp_path, "ingest: {batch_lines: 20, batch_interval: 50ms}\n")
+    log, db, cfg = run.log, run.db, run.config
     feeder = Feeder(log, LINES, per_write=12, pause=0.035)
     feeder.start()
     chance = random.Random(20261203)
@@ -107,9 +97,8 @@ def test_kill_9_at_random_points_loses_and_doubles_nothing(
 def test_sigterm_mid_stream_commits_and_exits_within_seconds(
     tmp_path: Path, expected: dict[str, object]
 ) -> None:
-    log = tmp_path / "mail.log"
-    db = tmp_path / "run.db"
-    cfg = daemon_config(tmp_path, db, [f"{{file: {log}}}"])
+    run = file_run(tmp_path)
+    log, db, cfg = run.log, run.db, run.config
     feeder = Feeder(log, LINES, per_write=10, pause=0.02)
     stops = []
     with Running(cfg, tmp_path) as daemon:
@@ -136,11 +125,9 @@ def test_sigterm_mid_stream_commits_and_exits_within_seconds(
 
 
 def test_notify_ready_status_and_watchdog_pings(tmp_path: Path) -> None:
-    log = tmp_path / "mail.log"
-    db = tmp_path / "run.db"
-    cfg = daemon_config(tmp_path, db, [f"{{file: {log}}}"])
-    append(log, LINES)
-    with Running(cfg, tmp_path, watchdog_usec=200_000) as daemon:
+    run = file_run(tmp_path)
+    append(run.log, LINES)
+    with Running(run.config, tmp_path, watchdog_usec=200_000) as daemon:
         daemon.wait_ready()
         wait_for(lambda: len(daemon.sent("WATCHDOG")) >= 8, 10, "watchdog pings")
         wait_for(lambda: len(daemon.sent("STATUS")) >= 2, 15, "a periodic STATUS")
@@ -199,9 +186,8 @@ def test_sighup_reloads_and_a_bad_config_keeps_the_old_one(tmp_path: Path) -> No
 def test_database_locked_for_seconds_is_retried_without_stalling(
     tmp_path: Path, expected: dict[str, object]
 ) -> None:
-    log = tmp_path / "mail.log"
-    db = tmp_path / "run.db"
-    cfg = daemon_config(tmp_path, db, [f"{{file: {log}}}"])
+    run = file_run(tmp_path)
+    log, db, cfg = run.log, run.db, run.config
     append(log, LINES[:100])
     with Running(cfg, tmp_path, watchdog_usec=400_000) as daemon:
         daemon.wait_ready()
@@ -292,10 +278,8 @@ def test_unreadable_log_is_retried_until_readable() -> None:
 
 
 def test_logs_for_the_journal_carry_priorities_not_timestamps(tmp_path: Path) -> None:
-    log = tmp_path / "mail.log"
-    db = tmp_path / "run.db"
-    cfg = daemon_config(tmp_path, db, [f"{{file: {log}}}"])
-    with Running(cfg, tmp_path, env={"JOURNAL_STREAM": "8:12345"}) as daemon:
+    run = file_run(tmp_path)
+    with Running(run.config, tmp_path, env={"JOURNAL_STREAM": "8:12345"}) as daemon:
         daemon.wait_ready()
         daemon.stop()
         lines = daemon.log().splitlines()

@@ -15,20 +15,20 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import DATA
 from daemonproc import (
     COUNTED,
+    SCENARIO,
     Running,
     append,
     daemon_config,
     dump,
-    ingested,
+    file_run,
     wait_equal,
     wait_for,
     wait_read,
 )
 
-LINES = (DATA / "scenario" / "mail.log").read_text(encoding="utf-8").splitlines()
+LINES = SCENARIO
 LOGROTATE = shutil.which("logrotate") or "/usr/sbin/logrotate"
 
 
@@ -59,18 +59,11 @@ def logrotate(tmp: Path, log: Path, options: str) -> None:
 needs_logrotate = pytest.mark.skipif(not Path(LOGROTATE).exists(), reason="logrotate missing")
 
 
-@pytest.fixture
-def expected(tmp_path: Path) -> dict[str, object]:
-    cfg = daemon_config(tmp_path, tmp_path / "unused.db", ["{file: /nonexistent}"], name="x.yaml")
-    return ingested(tmp_path, cfg, LINES, "whole")
-
-
 def test_appends_and_partial_lines_are_counted_once(
     tmp_path: Path, expected: dict[str, object]
 ) -> None:
-    log = tmp_path / "mail.log"
-    db = tmp_path / "run.db"
-    cfg = daemon_config(tmp_path, db, [f"{{file: {log}}}"])
+    run = file_run(tmp_path)
+    log, db, cfg = run.log, run.db, run.config
     first, second, third = chunks(LINES, 3)
     append(log, first)
     with Running(cfg, tmp_path) as daemon:
@@ -92,9 +85,8 @@ def test_appends_and_partial_lines_are_counted_once(
 def test_logrotate_create_delaycompress_while_running(
     tmp_path: Path, expected: dict[str, object]
 ) -> None:
-    log = tmp_path / "mail.log"
-    db = tmp_path / "run.db"
-    cfg = daemon_config(tmp_path, db, [f"{{file: {log}}}"])
+    run = file_run(tmp_path)
+    log, db, cfg = run.log, run.db, run.config
     parts = chunks(LINES, 5)
     append(log, parts[0])
     with Running(cfg, tmp_path) as daemon:
@@ -123,9 +115,8 @@ def test_logrotate_create_compress_at_once_while_running(
 ) -> None:
     # Without delaycompress the rotated file is gzipped and deleted at once, maybe
     # before the daemon read its end: the daemon still holds it open and reads it.
-    log = tmp_path / "mail.log"
-    db = tmp_path / "run.db"
-    cfg = daemon_config(tmp_path, db, [f"{{file: {log}}}"])
+    run = file_run(tmp_path)
+    log, db, cfg = run.log, run.db, run.config
     parts = chunks(LINES, 4)
     append(log, parts[0])
     with Running(cfg, tmp_path) as daemon:
@@ -146,9 +137,8 @@ def test_logrotate_create_compress_at_once_while_running(
 
 @needs_logrotate
 def test_logrotate_copytruncate_while_running(tmp_path: Path, expected: dict[str, object]) -> None:
-    log = tmp_path / "mail.log"
-    db = tmp_path / "run.db"
-    cfg = daemon_config(tmp_path, db, [f"{{file: {log}}}"], extra="ingest: {batch_lines: 50}\n")
+    run = file_run(tmp_path, "ingest: {batch_lines: 50}\n")
+    log, db, cfg = run.log, run.db, run.config
     parts = chunks(LINES, 4)
     append(log, parts[0])
     with Running(cfg, tmp_path) as daemon:
@@ -176,9 +166,8 @@ def test_logrotate_copytruncate_while_running(tmp_path: Path, expected: dict[str
 def test_rotated_several_times_while_stopped(
     tmp_path: Path, expected: dict[str, object], options: str
 ) -> None:
-    log = tmp_path / "mail.log"
-    db = tmp_path / "run.db"
-    cfg = daemon_config(tmp_path, db, [f"{{file: {log}}}"])
+    run = file_run(tmp_path)
+    log, db, cfg = run.log, run.db, run.config
     parts = chunks(LINES, 5)
     append(log, parts[0])
     with Running(cfg, tmp_path) as daemon:
@@ -217,9 +206,8 @@ def test_file_that_does_not_exist_yet(tmp_path: Path, expected: dict[str, object
 def test_new_file_reusing_an_inode_is_read_from_its_start(
     tmp_path: Path, expected: dict[str, object]
 ) -> None:
-    log = tmp_path / "mail.log"
-    db = tmp_path / "run.db"
-    cfg = daemon_config(tmp_path, db, [f"{{file: {log}}}"])
+    run = file_run(tmp_path)
+    log, db, cfg = run.log, run.db, run.config
     first, second = chunks(LINES, 2)
     append(log, first)
     with Running(cfg, tmp_path) as daemon:
@@ -293,9 +281,8 @@ WATCHES = Path("/proc/sys/fs/inotify/max_user_watches")
 def test_inotify_watch_limit_reached_falls_back_to_polling(
     tmp_path: Path, expected: dict[str, object]
 ) -> None:
-    log = tmp_path / "mail.log"
-    db = tmp_path / "run.db"
-    cfg = daemon_config(tmp_path, db, [f"{{file: {log}}}"])
+    run = file_run(tmp_path)
+    log, db, cfg = run.log, run.db, run.config
     saved = WATCHES.read_text()
     WATCHES.write_text("0\n")  # no watches left for anyone: inotify_add_watch fails
     try:
