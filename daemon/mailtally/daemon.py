@@ -164,8 +164,14 @@ class Daemon:
             if self.writer.in_flight < MAX_IN_FLIGHT:
                 more = self._read(ingest.batch_lines)
             now = time.monotonic()
+            # Size or age, whichever comes first; and at once when the sources are read
+            # to their end and the writer is idle: latency when quiet, batches when busy.
             if self._pending >= ingest.batch_lines or (
-                self._pending and now - self._pending_since >= ingest.batch_interval
+                self._pending
+                and (
+                    now - self._pending_since >= ingest.batch_interval
+                    or (not more and self.writer.in_flight == 0)
+                )
             ):
                 self._commit()
             elif not self._pending and now - self._pending_since >= ingest.batch_interval:

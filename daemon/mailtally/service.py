@@ -25,6 +25,7 @@ class Notifier:
         self._sock: socket.socket | None = None
         if self.address is not None:
             self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            self._sock.setblocking(False)  # a listener that stops reading must not stall us
         self.watchdog_interval = _watchdog_interval(env)
         self._failed = False
 
