@@ -28,6 +28,7 @@ from mailtally.report import (
     top_rows,
 )
 from mailtally.store import open_reader, open_store
+from mailtally.thresholds import CrossingJudge
 from mailtally.writer import BatchWriter
 
 log = logging.getLogger(__name__)
@@ -142,6 +143,12 @@ examples:
         "--host",
         metavar="NAME",
         help="record NAME as the relay of every line instead of the syslog host",
+    )
+    p.add_argument(
+        "--notify",
+        action="store_true",
+        help="make crossing notices for the days read, whatever their age (the daemon "
+        "sends them); without it a backfill mails nobody",
     )
     p.add_argument("files", nargs="+", type=Path, metavar="FILE", help="log files to read")
 
@@ -298,6 +305,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     store = open_store(config.database)
     tune_gc()
     writer = BatchWriter(config.database, time.time)
+    if args.notify:
+        writer.set_judge(CrossingJudge(config.thresholds_rules(), config.tz(), days_back=None))
     try:
         ingester = Ingester(store, config, host=args.host, writer=writer)
         for path in files:

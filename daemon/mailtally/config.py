@@ -19,6 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from mailtally.correlate import CorrelatorSettings
 from mailtally.errors import ConfigError
+from mailtally.notify.settings import NotifySettings
+from mailtally.thresholds import Thresholds, ThresholdsSection
 
 log = logging.getLogger(__name__)
 
@@ -114,10 +116,10 @@ class Config(_Section):
     correlate: CorrelateSection = Field(default_factory=CorrelateSection)
     ingest: IngestSection = Field(default_factory=IngestSection)
     details_days: PositiveInt = 35
-    # TODO: these sections are checked key by key once notifications, metrics, policy
-    # and the frontend read them; until then any mapping is accepted.
-    thresholds: dict[str, Any] = Field(default_factory=dict)
-    notify: dict[str, Any] = Field(default_factory=dict)
+    thresholds: ThresholdsSection = Field(default_factory=ThresholdsSection)
+    notify: NotifySettings = Field(default_factory=NotifySettings)
+    # TODO: checked key by key once metrics, policy and the frontend read them; until
+    # then any mapping is accepted.
     metrics: dict[str, Any] = Field(default_factory=dict)
     policy: dict[str, Any] = Field(default_factory=dict)
     frontend: dict[str, Any] = Field(default_factory=dict)
@@ -137,6 +139,11 @@ class Config(_Section):
         if self.timezone is not None:
             return ZoneInfo(self.timezone)
         return host_zone()
+
+    def thresholds_rules(self) -> Thresholds:
+        """The compiled thresholds; the notifier's own From address is never limited."""
+        n = self.notify
+        return Thresholds(self.thresholds, [n.from_addr, *filter(None, [n.envelope_from])])
 
     def correlator_settings(self) -> CorrelatorSettings:
         c = self.correlate
@@ -214,7 +221,7 @@ def _plain(
 
 def _first_error(exc: ValidationError, path: Path, lines: dict[tuple[str | int, ...], int]) -> str:
     err = exc.errors()[0]
-    loc = tuple(p for p in err["loc"] if not _is_union_tag(p))
+    loc = tuple(p for p in err["loc"] if not _is_union_tag(p) and p != "[key]")
     line = 1
     for cut in range(len(loc), -1, -1):
         found = lines.get(tuple(str(p) if isinstance(p, str) else p for p in loc[:cut]))
@@ -246,5 +253,10 @@ def _problem(err: Any) -> str:
         return "required key missing"
     if kind in {"greater_than", "int_type", "int_parsing"}:
         return f"expected a positive integer, got {got!r}"
+    if kind == "literal_error":
+        expected = err.get("ctx", {}).get("expected", "")
+        return f"expected {expected.replace(chr(39), '')}, got {got!r}"
     msg = str(err["msg"]).removeprefix("Value error, ")
-    return f"{msg}, got {got!r}" if got is not None and "got" not in msg else msg
+    if got is None or "got" in msg or isinstance(got, dict | list):
+        return msg
+    return f"{msg}, got {got!r}"

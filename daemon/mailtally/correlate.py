@@ -33,8 +33,18 @@ from mailtally.parse import (
 log = logging.getLogger(__name__)
 
 # Counter columns, in the order of the delta lists; `sum` is derived, never stored.
-COLUMNS = ("messages", "auth_rcv", "auth_blk", "sent", "bounced", "deferred", "expired")
+COLUMNS = (
+    "messages",
+    "auth_rcv",
+    "auth_blk",
+    "sent",
+    "bounced",
+    "deferred",
+    "expired",
+    "recipients",
+)
 MESSAGES, AUTH_RCV, AUTH_BLK = 0, 1, 2
+RECIPIENTS = 7  # the nrcpt of each message counted, for `count: recipients`
 STATUS_COLUMN = {"sent": 3, "bounced": 4, "deferred": 5, "expired": 6}
 NULL_SENDER = "<>"
 LOCAL_CLIENT = "local"  # sender_ip of mail submitted with sendmail(1) (pickup)
@@ -308,13 +318,13 @@ class Correlator:
 
     # -- feeds ------------------------------------------------------------------
 
-    def _bump(self, sender: str, ts: float, column: int) -> None:
+    def _bump(self, sender: str, ts: float, column: int, amount: int = 1) -> None:
         day = self.day
         key = (sender, day.current if day.start <= ts < day.end else day(ts))
         row = self._counts.get(key)
         if row is None:
-            row = self._counts[key] = [0, 0, 0, 0, 0, 0, 0]
-        row[column] += 1
+            row = self._counts[key] = [0, 0, 0, 0, 0, 0, 0, 0]
+        row[column] += amount
 
     def _start(self, host: str, qid: str, ts: float) -> OpenMessage:
         """Return the open message for a submission line, starting a new one if needed."""
@@ -373,6 +383,8 @@ class Correlator:
         if not msg.reinjected:
             self.stats.messages += 1
             self._bump(msg.sender, rec.ts, MESSAGES)
+            if rec.nrcpt:
+                self._bump(msg.sender, rec.ts, RECIPIENTS, rec.nrcpt)
             if msg.sasl_username:
                 self._bump(msg.sender, rec.ts, AUTH_RCV)
         if msg.pending:

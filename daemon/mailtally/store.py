@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import logging
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from mailtally.correlate import COLUMNS, Batch, OpenMessage
 from mailtally.errors import StoreError
@@ -74,6 +75,28 @@ MIGRATIONS: tuple[str, ...] = (
         updated  REAL NOT NULL
     );
     """,
+    """
+    ALTER TABLE counters ADD COLUMN recipients INTEGER NOT NULL DEFAULT 0;
+    CREATE TABLE notices (
+        id         INTEGER PRIMARY KEY,
+        kind       TEXT NOT NULL,           -- crossing | daily | digest
+        sender     TEXT NOT NULL,           -- the counted key; '' for a digest
+        day        TEXT NOT NULL,           -- the day it is about (local ISO date)
+        level      TEXT NOT NULL,           -- rule level ("warn"); '' for a digest
+        metric     TEXT NOT NULL,           -- messages | recipients | sum | a column
+        threshold  INTEGER NOT NULL,
+        value      INTEGER NOT NULL,        -- the count when the notice was made
+        created    REAL NOT NULL,
+        state      TEXT NOT NULL DEFAULT 'pending',   -- pending | sent | failed | skipped
+        attempts   INTEGER NOT NULL DEFAULT 0,
+        next_try   REAL NOT NULL,
+        done       REAL,                    -- when sent, failed for good or skipped
+        error      TEXT,                    -- the last SMTP reply or reason
+        message_id TEXT,
+        UNIQUE (kind, sender, day, level, metric)   -- one notice, ever
+    );
+    CREATE INDEX notices_due ON notices (state, next_try);
+    """,
 )
 
 # Built from the fixed column names only.
@@ -120,6 +143,7 @@ class DayRow:
     bounced: int = 0
     deferred: int = 0
     expired: int = 0
+    recipients: int = 0  # recipients of the messages counted (qmgr nrcpt=)
 
     @property
     def sum(self) -> int:
@@ -141,6 +165,37 @@ class DetailRecord:
     response: str
 
 
+@dataclass(frozen=True, slots=True)
+class Notice:
+    """One notification, made once per (kind, sender, day, level, metric)."""
+
+    kind: str  # crossing | daily | digest
+    sender: str
+    day: str
+    level: str
+    metric: str
+    threshold: int
+    value: int
+    id: int = 0
+    attempts: int = 0
+    created: float = 0.0
+
+
+class Judge(Protocol):
+    """Decides, inside a batch's transaction, which notices the new counts call for."""
+
+    def wants(self, sender: str, day: str) -> bool: ...
+
+    def notices(self, sender: str, row: DayRow) -> list[Notice]: ...
+
+
+_INSERT_NOTICE = (
+    "INSERT OR IGNORE INTO notices (kind, sender, day, level, metric, threshold, value,"
+    " created, next_try) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_DAY_ROW = f"SELECT day, {_COLUMN_LIST} FROM counters WHERE sender = ? AND day = ?"  # noqa: S608
+
+
 class Store:
     """The SQLite store; use `open_store` or `open_reader` to get one."""
 
@@ -153,14 +208,31 @@ class Store:
 
     # -- writing ----------------------------------------------------------------
 
-    def commit_batch(self, batch: Batch, positions: Sequence[Position], now: float) -> None:
-        """Write a batch and the positions it reached, all or nothing."""
+    def commit_batch(
+        self,
+        batch: Batch,
+        positions: Sequence[Position],
+        now: float,
+        judge: Judge | None = None,
+    ) -> int:
+        """Write a batch and the positions it reached, all or nothing.
+
+        With a `judge`, the notices the new counts call for are made in the same
+        transaction (once each: a notice already made is left as it is). Returns how
+        many notices were made.
+        """
         conn = self.conn
+        made = 0
         try:
             conn.execute("BEGIN IMMEDIATE")
             conn.executemany(
                 _UPSERT_COUNTS, [(s, d, *row) for (s, d), row in batch.counts.items()]
             )
+            if judge is not None:
+                for sender, day in batch.counts:
+                    if judge.wants(sender, day):
+                        row = DayRow(*conn.execute(_DAY_ROW, (sender, day)).fetchone())
+                        made += self._insert_notices(judge.notices(sender, row), now)
             conn.executemany(
                 _INSERT_DETAIL, [(int(d[0] // DAY_SECONDS), *d) for d in batch.details]
             )
@@ -180,6 +252,105 @@ class Store:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise StoreError(f"{self.path}: cannot commit batch: {exc}") from exc
+        return made
+
+    def _insert_notices(self, notices: Iterable[Notice], now: float) -> int:
+        made = 0
+        for n in notices:
+            cur = self.conn.execute(
+                _INSERT_NOTICE,
+                (n.kind, n.sender, n.day, n.level, n.metric, n.threshold, n.value, now, now),
+            )
+            made += cur.rowcount
+        return made
+
+    # -- notices ----------------------------------------------------------------
+
+    def add_notices(self, notices: Iterable[Notice], now: float) -> int:
+        """Make the notices not made before; return how many were new."""
+        try:
+            with self.conn:
+                return self._insert_notices(notices, now)
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.path}: cannot add notices: {exc}") from exc
+
+    def due_notices(self, now: float, limit: int) -> list[Notice]:
+        """Pending notices whose time has come, oldest first."""
+        rows = self.conn.execute(
+            "SELECT kind, sender, day, level, metric, threshold, value, id, attempts, created"
+            " FROM notices WHERE state = 'pending' AND next_try <= ? ORDER BY next_try, id"
+            " LIMIT ?",
+            (now, limit),
+        )
+        return [Notice(*r) for r in rows]
+
+    def has_notice(self, kind: str, sender: str, day: str) -> bool:
+        row = self.conn.execute(
+            "SELECT 1 FROM notices WHERE kind = ? AND sender = ? AND day = ? LIMIT 1",
+            (kind, sender, day),
+        ).fetchone()
+        return row is not None
+
+    def next_notice_time(self) -> float | None:
+        row = self.conn.execute(
+            "SELECT min(next_try) FROM notices WHERE state = 'pending'"
+        ).fetchone()
+        return None if row[0] is None else float(row[0])
+
+    def notice_finished(
+        self, notice_id: int, state: str, now: float, error: str | None, message_id: str | None
+    ) -> None:
+        """Record a notice as sent, failed for good, or skipped."""
+        self._update(
+            "UPDATE notices SET state = ?, done = ?, error = ?, message_id = ?,"
+            " attempts = attempts + 1 WHERE id = ?",
+            (state, now, error, message_id, notice_id),
+        )
+
+    def notice_retry(self, notice_id: int, next_try: float, error: str) -> None:
+        self._update(
+            "UPDATE notices SET attempts = attempts + 1, next_try = ?, error = ? WHERE id = ?",
+            (next_try, error, notice_id),
+        )
+
+    def _update(self, sql: str, args: tuple[object, ...]) -> None:
+        try:
+            with self.conn:
+                self.conn.execute(sql, args)
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.path}: cannot update notices: {exc}") from exc
+
+    def notices(self, kind: str | None = None) -> list[tuple[Notice, str, str | None]]:
+        """Every notice (of `kind`) with its state and last error, oldest first."""
+        rows = self.conn.execute(
+            "SELECT kind, sender, day, level, metric, threshold, value, id, attempts, created,"
+            " state, error FROM notices WHERE ? IS NULL OR kind = ? ORDER BY id",
+            (kind, kind),
+        )
+        return [(Notice(*r[:10]), r[10], r[11]) for r in rows]
+
+    def rows_of_day(self, day: str) -> list[tuple[str, DayRow]]:
+        """Every sender's row of `day`."""
+        rows = self.conn.execute(
+            f"SELECT sender, day, {_COLUMN_LIST} FROM counters WHERE day = ?",  # noqa: S608
+            (day,),
+        )
+        return [(r[0], DayRow(*r[1:])) for r in rows]
+
+    def destinations(
+        self, sender: str, start: float, end: float, limit: int
+    ) -> list[tuple[str, int]]:
+        """The recipient domains of the sender's delivery attempts, busiest first."""
+        counts: dict[str, int] = {}
+        for d in self.details(sender, start, end):
+            domain = d.recipient.rpartition("@")[2].lower() or d.recipient
+            counts[domain] = counts.get(domain, 0) + 1
+        return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:limit]
+
+    def first_seen(self, sender: str, start: float, end: float) -> float | None:
+        for d in self.details(sender, start, end):
+            return d.ts
+        return None
 
     def prune_details(self, before: float) -> int:
         """Delete detail rows of days wholly before `before` (epoch s); return how many."""

@@ -33,7 +33,7 @@ from typing import Any
 
 from mailtally.correlate import Batch
 from mailtally.errors import StoreError
-from mailtally.store import Position, Store, open_store
+from mailtally.store import Judge, Position, Store, open_store
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +92,7 @@ class BatchWriter:
         self.sent = 0  # batches submitted
         self.done = 0  # batches the child has committed
         self.committed_at = 0.0  # wall time of the last commit
+        self.notices_made = 0  # by the batches committed so far
         self._lock_fd = _lock(path, lock_wait)
         context = multiprocessing.get_context("fork")
         self._pipe, child_end = context.Pipe()
@@ -121,6 +122,10 @@ class BatchWriter:
         """Hand a batch and the positions it reached to the writer."""
         self._send(("batch", batch, list(positions), self.now()))
         self.sent += 1
+
+    def set_judge(self, judge: Judge | None) -> None:
+        """Judge every later batch with `judge` (crossing notices), or no longer."""
+        self._send(("judge", judge))
 
     def prune(self, before: float) -> None:
         """Have the writer delete detail rows of days wholly before `before` (epoch s)."""
@@ -158,6 +163,7 @@ class BatchWriter:
         if message[0] == "done":
             self.done = message[1]
             self.committed_at = message[2]
+            self.notices_made += message[3]
             return None
         error: str | None = message[1]
         return error if error is not None else ""
@@ -194,6 +200,7 @@ class _Child:
         self.retry_at = 0.0
         self.delay = RETRY_FIRST
         self.failing_since: float | None = None
+        self.judge: Judge | None = None
 
     def serve(self) -> None:
         while True:
@@ -224,6 +231,8 @@ class _Child:
                     self.done += 1  # dropped after an error; the flush reports it
             elif message[0] == "prune":
                 self._prune(message[1])
+            elif message[0] == "judge":
+                self.queue.append(message)  # applies from the next batch on, in order
             else:
                 self.waiters.append(message[0])
 
@@ -247,18 +256,21 @@ class _Child:
                 time.sleep(max(0.0, self.retry_at - time.monotonic()))
 
     def _commit_next(self, acknowledge: bool = True) -> None:
+        if self.queue[0][0] == "judge":
+            self.judge = self.queue.popleft()[1]
+            return
         _, batch, positions, now = self.queue[0]
         try:
-            self.store.commit_batch(batch, positions, now)
+            made = self.store.commit_batch(batch, positions, now, self.judge)
         except StoreError as exc:
             transient = isinstance(exc.__cause__, sqlite3.OperationalError)
             if not (self.retry and transient):
                 log.error("batch not committed error=%s", exc)
                 self.error = str(exc)
-                self.done += len(self.queue)
+                self.done += sum(1 for m in self.queue if m[0] == "batch")
                 self.queue.clear()
                 if acknowledge:
-                    self.pipe.send(("done", self.done, time.time()))
+                    self.pipe.send(("done", self.done, time.time(), 0))
                 return
             if self.failing_since is None:
                 self.failing_since = time.monotonic()
@@ -277,7 +289,7 @@ class _Child:
         self.delay = RETRY_FIRST
         self.retry_at = 0.0
         if acknowledge:
-            self.pipe.send(("done", self.done, time.time()))
+            self.pipe.send(("done", self.done, time.time(), made))
 
 
 def _serve(path: Path, pipe: Connection, parent_end: Connection, retry: bool) -> None:
