@@ -182,7 +182,7 @@ def test_a_batch_makes_each_notice_once_and_counts_recipients(tmp_path: Path) ->
     day = now.date().isoformat()
     row = store.day_rows("heavy@other.example", day, day)[day]
     assert (row.messages, row.recipients) == (205, 615)
-    (notice, state, error), = store.notices()
+    ((notice, state, error),) = store.notices()
     assert (notice.kind, notice.sender, notice.level, notice.metric) == (
         "crossing",
         "heavy@other.example",
@@ -193,3 +193,21 @@ def test_a_batch_makes_each_notice_once_and_counts_recipients(tmp_path: Path) ->
     # Judged again (a restart's rescan, a re-read batch): still one notice.
     assert store.add_notices(judge.notices("heavy@other.example", row), now.timestamp()) == 0
     store.close()
+
+
+def test_check_config_shows_a_senders_limits(tmp_path: Path) -> None:
+    from conftest import run_cli
+
+    cfg = tmp_path / "m.yaml"
+    cfg.write_text(RULES, encoding="utf-8")
+    out = run_cli("check-config", cfg, "--sender", "<CEO@Example.edu>").stdout
+    assert out.splitlines() == [
+        f"{cfg}: ok",
+        "sender ceo@example.edu: rules applied: default < domain example.edu"
+        " < sender ceo@example.edu",
+        "  warn: more than 10 bounced a day",
+        "  warn: more than 20 messages a day",
+        "  alert: more than 1000 messages a day",
+    ]
+    out = run_cli("check-config", cfg, "--sender", "x@lists.example.edu").stdout
+    assert "  exempt: no limits" in out.splitlines()

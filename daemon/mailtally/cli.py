@@ -239,10 +239,21 @@ def _add_check_config(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
         formatter_class=_Formatter,
         epilog=EPILOG,
         help="validate a configuration file",
-        description="Validate FILE as mailtally would at start and on reload, and print "
-        "'FILE: ok'.\nAn error names the line and the key.",
+        description="""\
+Validate FILE as mailtally would at start and on reload (every key, and every
+notification template rendered with sample data), and print 'FILE: ok'. An error
+names the file, the line and the key.
+
+examples:
+  mailtally check-config /etc/mailtally/mailtally.yaml
+  mailtally check-config /etc/mailtally/mailtally.yaml --sender alice@example.edu""",
     )
     p.add_argument("file", type=Path, metavar="FILE", help="configuration file")
+    p.add_argument(
+        "--sender",
+        metavar="ADDR",
+        help="also show the limits that apply to ADDR (an address or SASL username)",
+    )
 
 
 def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -388,7 +399,10 @@ def cmd_top(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    from mailtally.notify.message import Templates
+
     config = load_config(args.file)
+    Templates(config.notify.templates).check()
     if any(isinstance(s, JournalSourceConfig) for s in config.sources):
         from mailtally.sources.journal import journal_missing
 
@@ -396,6 +410,14 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         if missing is not None:
             raise MailtallyError(f"{args.file}: sources: {missing}")
     print(f"{args.file}: ok")
+    if args.sender:
+        sender = normalise(args.sender.strip().strip("<>"), config.correlator_settings())
+        effective = config.thresholds_rules().effective(sender)
+        print(f"sender {sender}: rules applied: {' < '.join(effective.applied)}")
+        if effective.exempt:
+            print("  exempt: no limits")
+        for level in effective.levels:
+            print(f"  {level.level}: more than {level.limit} {level.metric} a day")
     return 0
 
 

@@ -9,12 +9,14 @@ start instead of losing or doubling them. Signals only set flags; the loop acts 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import selectors
 import signal
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -22,14 +24,17 @@ from types import FrameType
 from mailtally.config import Config, JournalSourceConfig, load_config
 from mailtally.correlate import Batch, Correlator
 from mailtally.errors import ConfigError, MailtallyError
+from mailtally.notify.outbox import Outbox, check_templates
 from mailtally.service import Notifier
 from mailtally.sources import LiveSource
 from mailtally.sources.follow import FileFollower
 from mailtally.store import Position, Store, open_store
+from mailtally.thresholds import CrossingJudge
 from mailtally.writer import BatchWriter
 
 log = logging.getLogger(__name__)
 
+CONFIG_SETTLE = 0.3  # seconds after the config file's last change before reloading
 MAX_IN_FLIGHT = 3  # batches handed to the writer and not yet committed
 STATUS_EVERY = 5.0
 PRUNE_EVERY = 3600.0
@@ -58,6 +63,10 @@ class Daemon:
         self._pending = 0  # records fed since the last batch
         self._pending_since = 0.0
         self._caught_up = False
+        self._config_watch: ConfigWatch | None = None
+        self._reload_at: float | None = None  # the config file changed: reload then
+        self._wake_w = -1
+        self._notices_seen = 0
 
     # -- set-up --------------------------------------------------------------------
 
@@ -71,17 +80,41 @@ class Daemon:
         except MailtallyError:
             self.store.close()
             raise
+        self.outbox: Outbox | None = None
         try:
+            self.writer.set_judge(crossing_judge(config))
             self.correlator = Correlator(config.tz(), config.correlator_settings())
             self.correlator.restore(self.store.open_messages())
             self.sources = self._open_sources(config)
+            # Threads only now: the writer process was forked before any.
+            self.outbox = Outbox(config)
+            self.outbox.start()
+            self._watch_config()
             return self._serve()
         finally:
+            if self.outbox is not None:
+                self.outbox.stop()
+            if self._config_watch is not None:
+                self._config_watch.stop()
             self.writer.close()
             for source in getattr(self, "sources", []):
                 source.close()
             self.store.close()
             self.notifier.close()
+
+    def _watch_config(self) -> None:
+        """Reload when the configuration file changes, as on SIGHUP."""
+        if self.config_path is None or not self.config.ingest.inotify:
+            return
+        try:
+            self._config_watch = ConfigWatch(self.config_path, self._on_config_change)
+        except OSError as exc:
+            log.warning("configuration file not watched, reload with SIGHUP error=%s", exc)
+
+    def _on_config_change(self) -> None:  # a watchdog thread
+        self._reload_at = time.monotonic() + CONFIG_SETTLE
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"c")
 
     def _lookup(self, key: str) -> Position | None:
         return self._positions.get(key) or self.store.position(key)
@@ -106,6 +139,7 @@ class Daemon:
 
     def _serve(self) -> int:
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._wake_w = wake_w
         old_wakeup = signal.set_wakeup_fd(wake_w)
         handlers = {
             signal.SIGTERM: signal.signal(signal.SIGTERM, self._on_stop),
@@ -154,12 +188,18 @@ class Daemon:
             if ping_every is not None and now >= next_ping:
                 self.notifier.send(WATCHDOG=1)
                 next_ping = now + ping_every
+            if self._reload_at is not None and now >= self._reload_at:
+                self._reload_at = None
+                self._reload = True
             if self._reload:
                 self._reload = False
                 self._do_reload(selector)
                 ingest = self.config.ingest
             self.writer.drain()
             self._note_commits()
+            if self.writer.notices_made != self._notices_seen and self.outbox is not None:
+                self._notices_seen = self.writer.notices_made
+                self.outbox.wake()
             more = False
             if self.writer.in_flight < MAX_IN_FLIGHT:
                 more = self._read(ingest.batch_lines)
@@ -190,6 +230,8 @@ class Daemon:
                 timeout = min(timeout, self._pending_since + ingest.batch_interval - now)
             if ping_every is not None:
                 timeout = min(timeout, next_ping - now)
+            if self._reload_at is not None:
+                timeout = min(timeout, self._reload_at - now)
             for key, _ in selector.select(max(timeout, 0.0)):
                 if key.fd == wake_r:
                     _drain_pipe(wake_r)
@@ -272,6 +314,7 @@ class Daemon:
         )
         try:
             new = load_config(self.config_path)
+            check_templates(new)
         except ConfigError as exc:
             log.error("configuration not reloaded, the running one stays: %s", exc)
             self.notifier.send(READY=1)
@@ -285,6 +328,9 @@ class Daemon:
             )
             new = new.model_copy(update={"database": old.database})
         self.correlator.settings = new.correlator_settings()
+        self.writer.set_judge(crossing_judge(new))
+        if self.outbox is not None:
+            self.outbox.reload(new)
         if new.sources != old.sources or new.ingest != old.ingest or new.timezone != old.timezone:
             # Close the sources only at a batch boundary, with their positions in.
             self._commit()
@@ -330,3 +376,38 @@ def _drain_pipe(fd: int) -> None:
             pass
     except BlockingIOError:
         pass
+
+
+def crossing_judge(config: Config) -> CrossingJudge | None:
+    """What judges each batch for crossing notices, if the config asks for them."""
+    n = config.notify
+    if not n.enabled or n.when not in {"crossing", "both"}:
+        return None
+    return CrossingJudge(config.thresholds_rules(), config.tz())
+
+
+class ConfigWatch:
+    """Call `changed` (from watchdog's thread) when the file at `path` is written or replaced."""
+
+    def __init__(self, path: Path, changed: Callable[[], None]) -> None:
+        from watchdog.events import FileSystemEvent, FileSystemEventHandler
+        from watchdog.observers.inotify import InotifyObserver
+
+        target = path.absolute()
+
+        class Handler(FileSystemEventHandler):
+            def on_any_event(self, event: FileSystemEvent) -> None:
+                if event.event_type in {"opened", "closed_no_write"}:
+                    return
+                paths = (event.src_path, getattr(event, "dest_path", ""))
+                if any(Path(os.fsdecode(p)) == target for p in paths if p):
+                    changed()
+
+        self._observer = InotifyObserver()
+        self._observer.daemon = True
+        self._observer.schedule(Handler(), str(target.parent), recursive=False)
+        self._observer.start()
+
+    def stop(self) -> None:
+        self._observer.stop()
+        self._observer.join(timeout=2)
