@@ -9,6 +9,7 @@ from __future__ import annotations
 import email
 import email.policy
 import socket
+import ssl
 import threading
 import time
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from email.message import EmailMessage
 from typing import Any
 
 from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,12 @@ class _Handler:
 class Sink:
     """An SMTP server on 127.0.0.1 at a free port."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self, tls: ssl.SSLContext | None = None, login: tuple[str, str] | None = None
+    ) -> None:
+        self.tls = tls
+        self.login = login
+        self.logins: list[str] = []
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -73,9 +79,31 @@ class Sink:
         self._controller: Controller | None = None
 
     def up(self) -> Sink:
-        self._controller = Controller(_Handler(self), hostname="127.0.0.1", port=self.port)
+        extra: dict[str, Any] = {}
+        if self.tls is not None:
+            extra.update(tls_context=self.tls, require_starttls=True)
+        if self.login is not None:
+            extra.update(auth_required=True, authenticator=self._authenticate)
+        self._controller = Controller(
+            _Handler(self), hostname="127.0.0.1", port=self.port, **extra
+        )
         self._controller.start()
         return self
+
+    def _authenticate(
+        self, server: SMTP, session: Session, envelope: Envelope, mechanism: str, data: Any
+    ) -> AuthResult:
+        ok = (
+            isinstance(data, LoginPassword)
+            and (
+                data.login.decode(),
+                data.password.decode(),
+            )
+            == self.login
+        )
+        if ok:
+            self.logins.append(f"{mechanism} {data.login.decode()}")
+        return AuthResult(success=ok)
 
     def down(self) -> None:
         if self._controller is not None:

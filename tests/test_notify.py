@@ -9,6 +9,8 @@ from __future__ import annotations
 import itertools
 import signal
 import sqlite3
+import ssl
+import subprocess
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -291,3 +293,43 @@ def test_backfill_of_last_week_mails_nobody(tmp_path: Path, sink: Sink) -> None:
     append(other, traffic("v@campus.example", 300, week))
     run_cli("ingest", "--config", cfg, "--notify", other)  # asked for
     assert [n[:3] for n in notices(db)] == [("crossing", "v@campus.example", "warn")]
+
+
+def test_starttls_auth_and_admin_copies(tmp_path: Path) -> None:
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    request = ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
+    subject = ["-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"]
+    subprocess.run(
+        ["openssl", *request, *subject, "-keyout", str(key), "-out", str(cert)],
+        capture_output=True,
+        check=True,
+        timeout=60,
+    )
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    sink = Sink(tls=context, login=("relaybot", "s3cret pass")).up()
+    try:
+        secret = tmp_path / "smtp-password"
+        secret.write_text("s3cret pass\n")
+        notify = (
+            f"  admins: [postmaster@campus.example]\n  copy_admins: true\n"
+            f"  smtp: {{host: 127.0.0.1, port: {sink.port}, starttls: true, ca_file: {cert},"
+            f" username: relaybot, password_file: {secret}}}\n"
+        )
+        log, _, cfg = setup(tmp_path, sink)
+        cfg.write_text(
+            cfg.read_text().replace(
+                f"  smtp: {{host: 127.0.0.1, port: {sink.port}, timeout: 5s}}\n", notify
+            )
+        )
+        with Running(cfg, tmp_path) as daemon:
+            daemon.wait_ready()
+            append(log, traffic("t@campus.example", 201))
+            (mail,) = sink.wait(1)
+            daemon.stop()
+    finally:
+        sink.down()
+    assert sorted(mail.rcpt_tos) == ["postmaster@campus.example", "t@campus.example"]
+    assert mail.message["Cc"] == "postmaster@campus.example"
+    assert len(sink.logins) == 1
+    assert sink.logins[0].endswith(" relaybot")

@@ -77,7 +77,10 @@ def send_mail(config: Config, message: EmailMessage, recipients: list[str]) -> N
             password = smtp.password_file.read_text(encoding="utf-8").strip()
         except OSError as exc:
             raise TemporaryError(f"cannot read notify.smtp.password_file: {exc.strerror}") from exc
-    context = ssl.create_default_context()
+    try:
+        context = ssl.create_default_context(cafile=smtp.ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise TemporaryError(f"notify.smtp.ca_file: {exc}") from exc
     envelope_from = config.notify.envelope_from or config.notify.from_addr
     try:
         client: smtplib.SMTP

@@ -38,6 +38,7 @@ class SmtpSettings(_Section):
     port: int = Field(default=25, gt=0, lt=65536, strict=True)
     starttls: bool = False  # STARTTLS after EHLO (submission on 587)
     tls: bool = False  # TLS from the first byte (465)
+    ca_file: Path | None = None  # CA certificates to verify the server by (default: system's)
     username: str | None = None
     password: SecretStr | None = None
     password_file: Path | None = None  # read at start and on reload; keeps it out of YAML
