@@ -111,6 +111,10 @@ def warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
 
 
+# truth.json holds the report's columns; recipients (nrcpt) came later.
+TRUTH_COLUMNS = ("messages", "auth_rcv", "auth_blk", "sent", "bounced", "deferred", "expired")
+
+
 def test_journal_counts_exactly_what_the_file_counts(directory: Path, make: Make) -> None:
     write_journal(directory, SCENARIO)
     src = make(directory)
@@ -124,7 +128,11 @@ def test_journal_counts_exactly_what_the_file_counts(directory: Path, make: Make
         for day, row in days.items()
         if any(row.values())  # a reject on a service not in auth_services counts nothing
     }
-    assert counters(records)[0] == expected  # what the real Postfix of the scenario did
+    got = {
+        key: {column: value for column, value in row.items() if column in TRUTH_COLUMNS}
+        for key, row in counters(records)[0].items()
+    }
+    assert got == expected  # what the real Postfix of the scenario did
     assert src.lines == len(SCENARIO)
     assert src.skipped == 0
 
