@@ -61,19 +61,21 @@ class Run:
         return self.lines / self.wall if self.wall > 0 else 0.0
 
 
-def child_env() -> dict[str, str]:
-    """The environment for children: mailtally importable from the checkout."""
+def child_env(tree: Path = ROOT) -> dict[str, str]:
+    """The environment for children: mailtally importable from `tree` (this checkout)."""
     paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([*paths, str(ROOT / "daemon")])}
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree / "daemon"), *paths])}
 
 
-def measure(name: str, cmd: list[str], stdout_to: Path | None = None) -> tuple[Run, str]:
+def measure(
+    name: str, cmd: list[str], stdout_to: Path | None = None, tree: Path = ROOT
+) -> tuple[Run, str]:
     """Run `cmd` and return its Run (peak RSS from wait4, this child only) and stdout."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         sink = stdout_to.open("wb") if stdout_to is not None else out
         try:
             start = time.perf_counter()
-            proc = subprocess.Popen(cmd, stdout=sink, stderr=err, env=child_env())
+            proc = subprocess.Popen(cmd, stdout=sink, stderr=err, env=child_env(tree))
             _, status, usage = os.wait4(proc.pid, 0)
             wall = time.perf_counter() - start
         finally:
@@ -134,13 +136,14 @@ def ensure_log(lines: int, seed: int, fmt: str) -> tuple[Path, dict[str, Any]]:
     return log, json.loads(truth_path.read_text(encoding="utf-8"))
 
 
-def stage(name: str, fn: str, log: Path) -> Run:
-    run, out = measure(name, [sys.executable, "-c", STAGE_CODE.format(fn=fn), str(log)])
+def stage(name: str, fn: str, log: Path, tree: Path = ROOT) -> Run:
+    code = STAGE_CODE.format(fn=fn)
+    run, out = measure(name, [sys.executable, "-c", code, str(log)], tree=tree)
     lines = int(out.strip()) if run.returncode == 0 and out.strip().isdigit() else 0
     return replace(run, name=name, lines=lines)
 
 
-def ingest(log: Path, lines: int) -> Run:
+def ingest(log: Path, lines: int, tree: Path = ROOT, name: str = "(c) ingest") -> Run:
     db = OUT / "x.db"
     for p in (db, db.with_name("x.db-wal"), db.with_name("x.db-shm")):
         p.unlink(missing_ok=True)
@@ -157,7 +160,7 @@ def ingest(log: Path, lines: int) -> Run:
         str(db),
         str(log),
     ]
-    run, _ = measure("(c) ingest", cmd)
+    run, _ = measure(name, cmd, tree=tree)
     return replace(run, lines=lines if run.returncode == 0 else 0)
 
 
@@ -224,6 +227,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--memory", action="store_true", help="also ingest a 10x larger log and compare peak RSS"
     )
+    ap.add_argument(
+        "--baseline",
+        type=Path,
+        metavar="DIR",
+        help="another checkout (built in place, e.g. a git worktree of an older commit):"
+        " also time (b) and (c) with its code, interleaved, and print the difference",
+    )
     args = ap.parse_args(argv)
 
     log, truth = ensure_log(args.lines, args.seed, args.format)
@@ -243,10 +253,18 @@ def main(argv: list[str] | None = None) -> int:
         stages.append(lambda: pflogsumm(exe, log, lines))
     elif not args.skip_pflogsumm:
         print("pflogsumm not found; leaving out (d)")
+    if args.baseline is not None:
+        tree = args.baseline.resolve()
+        stages.append(lambda: stage("(b) baseline", "bench_correlate", log, tree))
+        stages.append(lambda: ingest(log, lines, tree, "(c) baseline"))
     runs = best_rounds(n, stages)
     full = runs[2]
     base = runs[3] if exe is not None else None
     print_table(runs, base)
+    if args.baseline is not None:
+        for this, then in ((runs[1], runs[-2]), (full, runs[-1])):
+            cost = (this.wall / then.wall - 1) * 100 if then.wall else 0.0
+            print(f"{this.name} against {then.name}: {cost:+.1f}% wall time")
 
     if args.memory:
         big_log, big_truth = ensure_log(args.lines * 10, args.seed, args.format)

@@ -225,6 +225,7 @@ class Running:
             self.proc.wait(timeout=30)
         if not self._stderr.closed:
             self._stderr.close()
+        self.sock.close()
 
 
 def daemon_config(

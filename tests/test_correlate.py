@@ -6,6 +6,7 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
 
+import pytest
 from mailtally.correlate import COLUMNS, Correlator, CorrelatorSettings
 from mailtally.parse import LineParser
 
@@ -402,3 +403,32 @@ def test_soft_bounce_counts_as_deferred() -> None:
         row(counts, "alice@campus.example")["bounced"],
     ) == (1, 0)
     assert details[0][6] == "deferred"
+
+
+@pytest.mark.parametrize(
+    ("reply", "expected"),
+    [
+        ("554 5.7.1 <x@dest.example>: Relay access denied", "relay_denied"),
+        (
+            "554 5.7.1 Service unavailable; Client host [192.0.2.9] blocked using"
+            " zen.spamhaus.org; https://www.spamhaus.org/query/ip/192.0.2.9",
+            "rbl",
+        ),
+        (
+            "550 5.1.1 <nobody@campus.example>: Recipient address rejected: User unknown in"
+            " local recipient table",
+            "unknown_user",
+        ),
+        (
+            "550 5.1.1 <x@campus.example>: Recipient address rejected: User unknown in virtual"
+            " mailbox table",
+            "unknown_user",
+        ),
+        ("554 5.7.1 <a@b.example>: Recipient address rejected: Policy rejection", "policy"),
+        ("504 5.5.2 <localhost>: Helo command rejected: need fully-qualified hostname", "other"),
+    ],
+)
+def test_reject_classes(reply: str, expected: str) -> None:
+    from mailtally.correlate import REJECT_CLASSES, reject_class
+
+    assert REJECT_CLASSES[reject_class(reply)] == expected

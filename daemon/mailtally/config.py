@@ -15,7 +15,14 @@ from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from mailtally.correlate import CorrelatorSettings
 from mailtally.errors import ConfigError
@@ -47,6 +54,15 @@ def parse_duration(value: object) -> float:
 
 
 Duration = Annotated[float, Field(gt=0)]
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """Split ``127.0.0.1:9154``, ``[::1]:9154`` or ``:9154`` into host and port."""
+    host, _, port = text.rpartition(":")
+    if not port.isdigit() or not 0 < int(port) < 65536:  # noqa: PLR2004
+        raise ValueError(f"expected HOST:PORT such as 127.0.0.1:9154, got {text!r}")
+    host = host.strip("[]")
+    return host, int(port)
 
 
 class _Section(BaseModel):
@@ -86,6 +102,32 @@ class IngestSection(_Section):
         return parse_duration(value)
 
 
+class MetricsSection(_Section):
+    """The Prometheus exporter of ``mailtally run`` (``metrics:``)."""
+
+    enabled: bool = True
+    listen: str = "127.0.0.1:9154"  # postfix_exporter's port: mailtally replaces it
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    basic_auth_username: str | None = None
+    basic_auth_password_file: Path | None = None
+    top_senders: int = Field(default=0, ge=0, le=50, strict=True)  # opt-in, per-sender
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        parse_listen(value)
+        return value
+
+    @model_validator(mode="after")
+    def _pairs(self) -> MetricsSection:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+        if (self.basic_auth_username is None) != (self.basic_auth_password_file is None):
+            raise ValueError("basic_auth_username and basic_auth_password_file go together")
+        return self
+
+
 class JournalOptions(_Section):
     directory: Path | None = None
     start: Literal["now", "oldest"] = "now"
@@ -118,9 +160,9 @@ class Config(_Section):
     details_days: PositiveInt = 35
     thresholds: ThresholdsSection = Field(default_factory=ThresholdsSection)
     notify: NotifySettings = Field(default_factory=NotifySettings)
-    # TODO: checked key by key once metrics, policy and the frontend read them; until
+    metrics: MetricsSection = Field(default_factory=MetricsSection)
+    # TODO: checked key by key once the policy server and the frontend read them; until
     # then any mapping is accepted.
-    metrics: dict[str, Any] = Field(default_factory=dict)
     policy: dict[str, Any] = Field(default_factory=dict)
     frontend: dict[str, Any] = Field(default_factory=dict)
 

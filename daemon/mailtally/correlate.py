@@ -47,13 +47,16 @@ MESSAGES, AUTH_RCV, AUTH_BLK = 0, 1, 2
 RECIPIENTS = 7  # the nrcpt of each message counted, for `count: recipients`
 STATUS_COLUMN = {"sent": 3, "bounced": 4, "deferred": 5, "expired": 6}
 NULL_SENDER = "<>"
+# Names of the log-history totals a batch carries (metrics restore them from the store).
+DELIVERIES, MESSAGES_TOTAL, MESSAGES_AUTH = "deliveries", "messages", "messages_auth"
+REJECTS, SASL_FAILURES, EVICTED = "rejects", "sasl_failures", "evicted"
 LOCAL_CLIENT = "local"  # sender_ip of mail submitted with sendmail(1) (pickup)
 
 # A detail row: time (epoch s), sender key, sender_ip, relay host, queue id, recipient,
 # status, response.
 DetailRow = tuple[float, str, str, str, str, str, str, str]
 # A delivery seen before its message's sender: (time, recipient, status, response).
-PendingDelivery = tuple[float, str, str, str]
+PendingDelivery = tuple[float, str, str, str, str]  # ... and the delivering transport
 # An open message as the store keeps it (the columns of open_messages, in order).
 OpenRow = tuple[
     str, str, float, str, str, str | None, str, str | None, int, float | None, str | None
@@ -142,7 +145,11 @@ class OpenMessage:
     def from_row(cls, row: OpenRow) -> OpenMessage:
         """Rebuild a message persisted by an earlier run."""
         host, qid, first_ts, name, addr, user, service, sender, flags, removed, pending = row
-        waiting = [(p[0], p[1], p[2], p[3]) for p in json.loads(pending)] if pending else None
+        waiting = (
+            [(p[0], p[1], p[2], p[3], p[4] if len(p) > 4 else "") for p in json.loads(pending)]  # noqa: PLR2004 - rows of older versions have four fields
+            if pending
+            else None
+        )
         return cls(
             host,
             qid,
@@ -187,6 +194,24 @@ class Batch:
     upserts: list[OpenRow]  # snapshots: the live messages go on changing after take()
     deletes: list[tuple[str, str]]
     last_ts: float | None
+    # Log-history totals for metrics: (name, label, label) -> delta; see TOTALS.
+    totals: dict[tuple[str, str, str], int] = field(default_factory=dict)
+
+
+REJECT_CLASSES = ("relay_denied", "rbl", "policy", "unknown_user", "other")
+
+
+def reject_class(reply: str) -> int:
+    """Sort a reject's reply into a REJECT_CLASSES index (Postfix's texts, as it logs them)."""
+    if "Relay access denied" in reply:
+        return 0
+    if "blocked using" in reply or " listed " in reply:
+        return 1  # reject_rbl_client and postscreen's DNSBL replies
+    if "olicy" in reply:
+        return 2  # check_policy_service answers, "Policy rejection"
+    if "nknown user" in reply or "ser unknown" in reply or "ecipient unknown" in reply:
+        return 3
+    return 4
 
 
 def normalise(address: str, settings: CorrelatorSettings) -> str:
@@ -241,6 +266,11 @@ class Correlator:
         self._details: list[DetailRow] = []
         self._dirty: set[tuple[str, str]] = set()
         self._gone: set[tuple[str, str]] = set()
+        # Log-history totals since the last take(), for metrics (see _totals).
+        self._deliveries: dict[str, list[int]] = {}  # transport -> counts by column
+        self._rejects = [0] * len(REJECT_CLASSES)
+        self._sasl_failures = 0
+        self._evicted = 0
 
     def restore(self, messages: Iterable[OpenMessage]) -> None:
         """Load open messages persisted by an earlier run, oldest first."""
@@ -300,10 +330,48 @@ class Correlator:
             if msg is not None:
                 upserts.append(msg.row())
                 msg.persisted = True
-        batch = Batch(self._counts, self._details, upserts, list(self._gone), self.last_ts or None)
+        batch = Batch(
+            self._counts,
+            self._details,
+            upserts,
+            list(self._gone),
+            self.last_ts or None,
+            self._totals(),
+        )
         self._counts, self._details = {}, []
         self._dirty, self._gone = set(), set()
         return batch
+
+    def _totals(self) -> dict[tuple[str, str, str], int]:
+        """The batch's log-history totals, and start them over.
+
+        Counted where it is cheapest: messages from the batch's counts, deliveries per
+        transport in one list each, rejects per class in one list.
+        """
+        totals: dict[tuple[str, str, str], int] = {}
+        messages = auth = 0
+        for row in self._counts.values():
+            messages += row[MESSAGES]
+            auth += row[AUTH_RCV]
+        if messages:
+            totals[(MESSAGES_TOTAL, "", "")] = messages
+        if auth:
+            totals[(MESSAGES_AUTH, "", "")] = auth
+        for transport, by_status in self._deliveries.items():
+            for status, column in STATUS_COLUMN.items():
+                if by_status[column]:
+                    totals[(DELIVERIES, status, transport)] = by_status[column]
+        for i, n in enumerate(self._rejects):
+            if n:
+                totals[(REJECTS, REJECT_CLASSES[i], "")] = n
+        if self._sasl_failures:
+            totals[(SASL_FAILURES, "", "")] = self._sasl_failures
+        if self._evicted:
+            totals[(EVICTED, "", "")] = self._evicted
+        self._deliveries = {}
+        self._rejects = [0] * len(REJECT_CLASSES)
+        self._sasl_failures = self._evicted = 0
+        return totals
 
     # -- identity ---------------------------------------------------------------
 
@@ -415,20 +483,30 @@ class Correlator:
             # began): keep it until the sender is known, or count it orphaned.
             if msg.pending is None:
                 msg.pending = []
-            msg.pending.append((rec.ts, rec.recipient, status, response))
+            msg.pending.append((rec.ts, rec.recipient, status, response, rec.service))
             self._dirty.add(key)
             return
-        self._count_delivery(msg, rec.ts, rec.recipient, status, response)
+        self._count_delivery(msg, rec.ts, rec.recipient, status, response, rec.service)
 
     def _to_filter(self, relay: str) -> bool:
         filters = self.settings.content_filters
         return bool(filters) and any(relay.endswith(f) for f in filters)
 
     def _count_delivery(
-        self, msg: OpenMessage, ts: float, recipient: str, status: str, response: str
+        self,
+        msg: OpenMessage,
+        ts: float,
+        recipient: str,
+        status: str,
+        response: str,
+        transport: str,
     ) -> None:
         assert msg.sender is not None
         self._bump(msg.sender, ts, STATUS_COLUMN[status])
+        by_status = self._deliveries.get(transport)
+        if by_status is None:
+            by_status = self._deliveries[transport] = [0, 0, 0, 0, 0, 0, 0, 0]
+        by_status[STATUS_COLUMN[status]] += 1
         self._details.append(
             (ts, msg.sender, msg.client_ip, msg.host, msg.queue_id, recipient, status, response)
         )
@@ -437,6 +515,10 @@ class Correlator:
         msg = self._find((rec.host, rec.queue_id))
         sender = msg.sender if msg is not None and msg.sender else self.normalise(rec.sender)
         self._bump(sender, rec.ts, STATUS_COLUMN["expired"])
+        by_status = self._deliveries.get(rec.service)
+        if by_status is None:
+            by_status = self._deliveries[rec.service] = [0, 0, 0, 0, 0, 0, 0, 0]
+        by_status[STATUS_COLUMN["expired"]] += 1
         self._details.append(
             (
                 rec.ts,
@@ -465,6 +547,7 @@ class Correlator:
 
     def _reject(self, rec: Reject) -> None:
         self.stats.rejects += 1
+        self._rejects[reject_class(rec.reply)] += 1
         msg = self.open.get((rec.host, rec.queue_id)) if rec.queue_id else None
         if rec.sender is None:
             self.stats.unattributed += 1
@@ -487,6 +570,7 @@ class Correlator:
 
     def _auth_failure(self, rec: AuthFailure) -> None:
         self.stats.auth_failures += 1
+        self._sasl_failures += 1
         if not rec.username:
             self.stats.unattributed += 1
             return
@@ -531,6 +615,7 @@ class Correlator:
                 break
             self._drop(key, msg)
             self.stats.evicted += 1
+            self._evicted += 1
             log.debug("message evicted host=%s queue_id=%s", *key)
 
     def _prune_closed(self, now: float) -> None:

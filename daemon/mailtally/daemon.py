@@ -20,10 +20,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from mailtally.config import Config, JournalSourceConfig, load_config
 from mailtally.correlate import Batch, Correlator
 from mailtally.errors import ConfigError, MailtallyError
+from mailtally.metrics import Activity, PolicyMetrics
 from mailtally.notify.outbox import Outbox, check_templates
 from mailtally.service import Notifier
 from mailtally.sources import LiveSource
@@ -31,6 +33,9 @@ from mailtally.sources.follow import FileFollower
 from mailtally.store import Position, Store, open_store
 from mailtally.thresholds import CrossingJudge
 from mailtally.writer import BatchWriter
+
+if TYPE_CHECKING:
+    from mailtally.metrics import Exporter
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +72,10 @@ class Daemon:
         self._reload_at: float | None = None  # the config file changed: reload then
         self._wake_w = -1
         self._notices_seen = 0
+        self._unparsed_seen: dict[str, int] = {}
+        self.activity = Activity()
+        self.exporter: Exporter | None = None
+        self.policy_metrics: PolicyMetrics | None = None
 
     # -- set-up --------------------------------------------------------------------
 
@@ -89,9 +98,12 @@ class Daemon:
             # Threads only now: the writer process was forked before any.
             self.outbox = Outbox(config)
             self.outbox.start()
+            self._start_exporter(config)
             self._watch_config()
             return self._serve()
         finally:
+            if self.exporter is not None:
+                self.exporter.stop()
             if self.outbox is not None:
                 self.outbox.stop()
             if self._config_watch is not None:
@@ -101,6 +113,17 @@ class Daemon:
                 source.close()
             self.store.close()
             self.notifier.close()
+
+    def _start_exporter(self, config: Config) -> None:
+        if not config.metrics.enabled:
+            return
+        from mailtally.metrics import Exporter, build_registry  # prometheus_client
+
+        registry, self.policy_metrics = build_registry(
+            config.database, self.activity, lambda: self.config
+        )
+        self.exporter = Exporter(config.metrics, registry)
+        self.exporter.start()
 
     def _watch_config(self) -> None:
         """Reload when the configuration file changes, as on SIGHUP."""
@@ -171,6 +194,7 @@ class Daemon:
 
     def _register(self, selector: selectors.BaseSelector) -> None:
         for source in self.sources:
+            self.activity.lines_read.setdefault(source.name, source.lines)
             fd = source.fileno()
             if fd is not None:
                 selector.register(fd, selectors.EVENT_READ, source)
@@ -248,18 +272,35 @@ class Daemon:
         if budget <= 0:
             return True
         got = 0
+        unparsed = self.correlator.stats.unparsed
+        activity = self.activity
         for source in self.sources:
             records = source.read(budget - got)
             if records:
                 if not self._pending:
                     self._pending_since = time.monotonic()
+                before = sum(unparsed.values())
                 self.correlator.feed_all(records)
+                if sum(unparsed.values()) != before:
+                    self._note_unparsed(source.name)
                 self._pending += len(records)
                 got += len(records)
+                activity.lines_read[source.name] = source.lines
+                activity.open_messages = len(self.correlator.open)
             if got >= budget:
                 return True
         self._caught_up = got == 0 and not any(getattr(s, "behind", False) for s in self.sources)
         return False
+
+    def _note_unparsed(self, source: str) -> None:
+        """Give `source` the unparsed lines the correlator counted since last asked."""
+        seen = self._unparsed_seen
+        for reason, n in self.correlator.stats.unparsed.items():
+            new = n - seen.get(reason, 0)
+            if new:
+                key = (source, reason)
+                self.activity.unparsed[key] = self.activity.unparsed.get(key, 0) + new
+                seen[reason] = n
 
     def _commit(self) -> None:
         batch = self.correlator.take()
@@ -278,6 +319,10 @@ class Daemon:
             _, ts = self._sent_ts.popleft()
             if ts is not None:
                 self._committed_ts = ts
+                committed_at = self.writer.committed_at
+                self.activity.last_log_ts = ts
+                self.activity.last_commit_ts = committed_at
+                self.activity.lag = max(0.0, committed_at - ts)
         if not self._sent_ts:
             self._positions.clear()  # all in the store now
 
@@ -317,6 +362,8 @@ class Daemon:
             check_templates(new)
         except ConfigError as exc:
             log.error("configuration not reloaded, the running one stays: %s", exc)
+            self.activity.reloads["failure"] += 1
+            self.activity.last_reload_ok = False
             self.notifier.send(READY=1)
             return
         old = self.config
@@ -352,7 +399,11 @@ class Daemon:
             self._register(selector)
             if new.tz() != old.tz():
                 log.warning("timezone change applies to new lines only")
+        if new.metrics != old.metrics:
+            log.warning("metrics settings change ignored until restart")
         self.config = new
+        self.activity.reloads["success"] += 1
+        self.activity.last_reload_ok = True
         log.info("configuration reloaded path=%s", self.config_path)
         self.notifier.send(READY=1, STATUS="configuration reloaded")
 

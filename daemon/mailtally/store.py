@@ -97,6 +97,15 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX notices_due ON notices (state, next_try);
     """,
+    """
+    CREATE TABLE totals (
+        name  TEXT NOT NULL,                -- deliveries, messages, rejects, ...
+        a     TEXT NOT NULL DEFAULT '',     -- first label (status, reason)
+        b     TEXT NOT NULL DEFAULT '',     -- second label (transport)
+        value INTEGER NOT NULL,
+        PRIMARY KEY (name, a, b)
+    ) WITHOUT ROWID;
+    """,
 )
 
 # Built from the fixed column names only.
@@ -241,6 +250,11 @@ class Store:
             )
             conn.executemany(_UPSERT_OPEN, batch.upserts)
             conn.executemany(
+                "INSERT INTO totals (name, a, b, value) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (name, a, b) DO UPDATE SET value = value + excluded.value",
+                [(*key, n) for key, n in batch.totals.items()],
+            )
+            conn.executemany(
                 "INSERT INTO positions (source, offset, cursor, name, updated)"
                 " VALUES (?, ?, ?, ?, ?) ON CONFLICT (source) DO UPDATE SET"
                 " offset = excluded.offset, cursor = excluded.cursor, name = excluded.name,"
@@ -328,6 +342,16 @@ class Store:
             (kind, kind),
         )
         return [(Notice(*r[:10]), r[10], r[11]) for r in rows]
+
+    def totals(self) -> dict[tuple[str, str, str], int]:
+        """The log-history totals every batch so far added up (for metrics)."""
+        rows = self.conn.execute("SELECT name, a, b, value FROM totals")
+        return {(r[0], r[1], r[2]): r[3] for r in rows}
+
+    def notice_states(self) -> dict[str, int]:
+        """How many notices are in each state (pending, sent, failed, skipped)."""
+        rows = self.conn.execute("SELECT state, count(*) FROM notices GROUP BY state")
+        return {r[0]: r[1] for r in rows}
 
     def rows_of_day(self, day: str) -> list[tuple[str, DayRow]]:
         """Every sender's row of `day`."""
