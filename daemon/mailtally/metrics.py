@@ -38,6 +38,7 @@ from prometheus_client import (
     Histogram,
     PlatformCollector,
     ProcessCollector,
+    disable_created_metrics,
     make_wsgi_app,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -385,6 +386,7 @@ def build_registry(
     database: Path, activity: Activity, config: Callable[[], Config]
 ) -> tuple[CollectorRegistry, PolicyMetrics]:
     """A registry with mailtally's families, the policy instruments and process metrics."""
+    disable_created_metrics()  # no *_created series: Prometheus does not need them
     registry = CollectorRegistry(auto_describe=False)
     registry.register(MailtallyCollector(database, activity, config))
     ProcessCollector(registry=registry)
