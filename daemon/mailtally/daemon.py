@@ -94,6 +94,7 @@ class Daemon:
             self.writer.set_judge(crossing_judge(config))
             self.correlator = Correlator(config.tz(), config.correlator_settings())
             self.correlator.restore(self.store.open_messages())
+            self.activity.last_commit_ts = self.store.last_commit_time()
             self.sources = self._open_sources(config)
             # Threads only now: the writer process was forked before any.
             self.outbox = Outbox(config)

@@ -343,6 +343,11 @@ class Store:
         )
         return [(Notice(*r[:10]), r[10], r[11]) for r in rows]
 
+    def last_commit_time(self) -> float | None:
+        """When a batch was last committed (by any run), from the positions it moved."""
+        row = self.conn.execute("SELECT max(updated) FROM positions").fetchone()
+        return None if row[0] is None else float(row[0])
+
     def totals(self) -> dict[tuple[str, str, str], int]:
         """The log-history totals every batch so far added up (for metrics)."""
         rows = self.conn.execute("SELECT name, a, b, value FROM totals")
