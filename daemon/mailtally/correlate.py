@@ -502,11 +502,12 @@ class Correlator:
         transport: str,
     ) -> None:
         assert msg.sender is not None
-        self._bump(msg.sender, ts, STATUS_COLUMN[status])
+        column = STATUS_COLUMN[status]
+        self._bump(msg.sender, ts, column)
         by_status = self._deliveries.get(transport)
         if by_status is None:
             by_status = self._deliveries[transport] = [0, 0, 0, 0, 0, 0, 0, 0]
-        by_status[STATUS_COLUMN[status]] += 1
+        by_status[column] += 1
         self._details.append(
             (ts, msg.sender, msg.client_ip, msg.host, msg.queue_id, recipient, status, response)
         )

@@ -386,7 +386,7 @@ def build_registry(
     database: Path, activity: Activity, config: Callable[[], Config]
 ) -> tuple[CollectorRegistry, PolicyMetrics]:
     """A registry with mailtally's families, the policy instruments and process metrics."""
-    disable_created_metrics()  # no *_created series: Prometheus does not need them
+    disable_created_metrics()  # type: ignore[no-untyped-call]  # no *_created series
     registry = CollectorRegistry(auto_describe=False)
     registry.register(MailtallyCollector(database, activity, config))
     ProcessCollector(registry=registry)
