@@ -128,6 +128,66 @@ class MetricsSection(_Section):
         return self
 
 
+_ACTION = re.compile(
+    r"(DUNNO|WARN( .+)?|HOLD( .+)?|DEFER( .+)?|DEFER_IF_PERMIT( .+)?|REJECT( .+)?"
+    r"|PREPEND [A-Za-z0-9-]+: ?.*)\Z"
+)
+
+
+def _policy_action(value: str) -> str:
+    text = str(value).strip()
+    if not _ACTION.match(text) or any(ord(c) < 32 for c in text):  # noqa: PLR2004
+        raise ValueError(
+            "expected a policy action: DUNNO, WARN text, PREPEND Header: value, HOLD text,"
+            " DEFER_IF_PERMIT text, DEFER text or REJECT text"
+        )
+    return text
+
+
+class PolicySection(_Section):
+    """The policy delegation server of ``mailtally run`` (``policy:``)."""
+
+    listen: list[str] = Field(default_factory=list)  # "127.0.0.1:10040", "unix:/path"
+    identity: Literal["envelope", "sasl", "client"] | None = None  # default: top identity
+    count_at: Literal["END-OF-MESSAGE", "DATA"] = "END-OF-MESSAGE"
+    actions: dict[str, str] = Field(default_factory=dict)  # threshold level -> action
+    fail_action: str = "DUNNO"  # on an internal error, a locked database, a slow answer
+    budget: Duration = 0.5  # seconds a decision may take before fail_action is answered
+    idle_timeout: Duration = 300.0  # Postfix's smtpd_policy_service_max_idle
+    request_timeout: Duration = 10.0  # to send one whole request
+    max_connections: PositiveInt = 10_000
+    backlog: PositiveInt = 1024
+
+    @field_validator("budget", "idle_timeout", "request_timeout", mode="before")
+    @classmethod
+    def _durations(cls, value: object) -> float:
+        return parse_duration(value)
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: list[str]) -> list[str]:
+        for item in value:
+            if item.startswith("unix:"):
+                if not item[5:].startswith("/"):
+                    raise ValueError(f"expected unix:/absolute/path, got {item!r}")
+            else:
+                parse_listen(item)
+        return value
+
+    @field_validator("actions")
+    @classmethod
+    def _actions(cls, value: dict[str, str]) -> dict[str, str]:
+        return {level: _policy_action(action) for level, action in value.items()}
+
+    @field_validator("fail_action")
+    @classmethod
+    def _fail_action(cls, value: str) -> str:
+        text = _policy_action(value)
+        if not text.startswith(("DUNNO", "DEFER_IF_PERMIT")):
+            raise ValueError("expected DUNNO or DEFER_IF_PERMIT text")
+        return text
+
+
 class JournalOptions(_Section):
     directory: Path | None = None
     start: Literal["now", "oldest"] = "now"
@@ -161,9 +221,8 @@ class Config(_Section):
     thresholds: ThresholdsSection = Field(default_factory=ThresholdsSection)
     notify: NotifySettings = Field(default_factory=NotifySettings)
     metrics: MetricsSection = Field(default_factory=MetricsSection)
-    # TODO: checked key by key once the policy server and the frontend read them; until
-    # then any mapping is accepted.
-    policy: dict[str, Any] = Field(default_factory=dict)
+    policy: PolicySection = Field(default_factory=PolicySection)
+    # TODO: checked key by key once the frontend reads it; until then any mapping.
     frontend: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("timezone")
@@ -181,6 +240,9 @@ class Config(_Section):
         if self.timezone is not None:
             return ZoneInfo(self.timezone)
         return host_zone()
+
+    def policy_identity(self) -> str:
+        return self.policy.identity or self.identity
 
     def thresholds_rules(self) -> Thresholds:
         """The compiled thresholds; the notifier's own From address is never limited."""
@@ -200,6 +262,16 @@ class Config(_Section):
             content_filters=tuple(c.content_filters),
             reinject_services=frozenset(c.reinject_services),
         )
+
+
+def _all_levels(section: ThresholdsSection) -> set[str]:
+    rules = [section.default, *section.domains.values(), *section.senders.values()]
+    levels: set[str] = set()
+    for rule in rules:
+        levels.update(rule.levels())
+        for watched in (rule.watch or {}).values():
+            levels.update(watched)
+    return levels
 
 
 def host_zone() -> tzinfo:
@@ -238,9 +310,34 @@ def parse_config(text: str, path: Path) -> Config:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}:1: expected a mapping of settings at the top level")
     try:
-        return Config.model_validate(data)
+        config = Config.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_first_error(exc, path, lines)) from exc
+    _check_policy(config, path, lines)
+    return config
+
+
+def _check_policy(config: Config, path: Path, lines: dict[tuple[str | int, ...], int]) -> None:
+    """Refuse policy rules that could never apply: a listener without actions, or an
+    action for a level no thresholds rule has."""
+    policy = config.policy
+    if not policy.listen:
+        return
+    if not policy.actions:
+        line = lines.get(("policy", "listen"), 1)
+        raise ConfigError(
+            f"{path}:{line}: policy.actions: empty while policy.listen is set;"
+            " every request would be answered DUNNO"
+        )
+    levels = _all_levels(config.thresholds)
+    for level in policy.actions:
+        if level not in levels:
+            line = lines.get(("policy", "actions", level), 1)
+            known = ", ".join(sorted(levels)) or "none"
+            raise ConfigError(
+                f"{path}:{line}: policy.actions.{level}: no thresholds rule has a level"
+                f" {level!r} (levels: {known}), so it could never apply"
+            )
 
 
 def _plain(

@@ -36,6 +36,7 @@ from mailtally.writer import BatchWriter
 
 if TYPE_CHECKING:
     from mailtally.metrics import Exporter
+    from mailtally.policy import PolicyServer
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,7 @@ class Daemon:
         self.activity = Activity()
         self.exporter: Exporter | None = None
         self.policy_metrics: PolicyMetrics | None = None
+        self.policy: PolicyServer | None = None
 
     # -- set-up --------------------------------------------------------------------
 
@@ -100,9 +102,12 @@ class Daemon:
             self.outbox = Outbox(config)
             self.outbox.start()
             self._start_exporter(config)
+            self._start_policy(config)
             self._watch_config()
             return self._serve()
         finally:
+            if self.policy is not None:
+                self.policy.stop()
             if self.exporter is not None:
                 self.exporter.stop()
             if self.outbox is not None:
@@ -125,6 +130,16 @@ class Daemon:
         )
         self.exporter = Exporter(config.metrics, registry)
         self.exporter.start()
+
+    def _start_policy(self, config: Config) -> None:
+        """Listen for Postfix; returns after the server answered its self-test."""
+        if not config.policy.listen:
+            return
+        from mailtally.policy import PolicyServer, raise_fd_limit
+
+        raise_fd_limit()
+        self.policy = PolicyServer(config, self.policy_metrics)
+        self.policy.start()
 
     def _watch_config(self) -> None:
         """Reload when the configuration file changes, as on SIGHUP."""
@@ -379,6 +394,8 @@ class Daemon:
         self.writer.set_judge(crossing_judge(new))
         if self.outbox is not None:
             self.outbox.reload(new)
+        if self.policy is not None:
+            self.policy.reload(new)
         if new.sources != old.sources or new.ingest != old.ingest or new.timezone != old.timezone:
             # Close the sources only at a batch boundary, with their positions in.
             self._commit()

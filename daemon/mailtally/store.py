@@ -106,6 +106,29 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (name, a, b)
     ) WITHOUT ROWID;
     """,
+    """
+    CREATE TABLE policy_counts (
+        identity   TEXT NOT NULL,           -- as the policy server counts (sender, ...)
+        day        TEXT NOT NULL,
+        messages   INTEGER NOT NULL DEFAULT 0,   -- accepted at END-OF-MESSAGE (or DATA)
+        recipients INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (identity, day)
+    ) WITHOUT ROWID;
+    CREATE TABLE policy_blocks (
+        id         INTEGER PRIMARY KEY,
+        ts         REAL NOT NULL,
+        identity   TEXT NOT NULL,
+        day        TEXT NOT NULL,
+        stage      TEXT NOT NULL,           -- protocol_state: RCPT, END-OF-MESSAGE, ...
+        level      TEXT NOT NULL,
+        action     TEXT NOT NULL,
+        count      INTEGER NOT NULL,        -- the count the decision saw
+        client     TEXT NOT NULL,
+        sender     TEXT NOT NULL,
+        recipient  TEXT NOT NULL
+    );
+    CREATE INDEX policy_blocks_day ON policy_blocks (day, identity);
+    """,
 )
 
 # Built from the fixed column names only.
