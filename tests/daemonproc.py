@@ -235,6 +235,8 @@ def daemon_config(
     text = f"timezone: UTC\ndatabase: {db}\nsources:\n"
     text += "".join(f"  - {s}\n" for s in sources)
     text += extra
+    if "metrics:" not in extra:  # tests run daemons side by side: no fixed port
+        text += "metrics: {enabled: false}\n"
     path = tmp / name
     path.write_text(text, encoding="utf-8")
     return path

@@ -60,6 +60,7 @@ def setup(
         "  from: noc@campus.example\n  reply_to: help@campus.example\n"
         "  retry: {first: 300ms, max: 1s}\n"
         f"{notify}"
+        "metrics: {enabled: false}\n"
         f"thresholds:\n  default: {{warn: 200}}\n{thresholds}",
         encoding="utf-8",
     )

@@ -416,8 +416,11 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         print(f"sender {sender}: rules applied: {' < '.join(effective.applied)}")
         if effective.exempt:
             print("  exempt: no limits")
+        actions = config.policy.actions if config.policy.listen else {}
         for level in effective.levels:
-            print(f"  {level.level}: more than {level.limit} {level.metric} a day")
+            action = actions.get(level.level)
+            suffix = f" -> policy: {action}" if action and not effective.exempt else ""
+            print(f"  {level.level}: more than {level.limit} {level.metric} a day{suffix}")
     return 0
 
 

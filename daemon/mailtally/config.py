@@ -16,6 +16,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -144,13 +145,16 @@ def _policy_action(value: str) -> str:
     return text
 
 
+PolicyAction = Annotated[str, AfterValidator(_policy_action)]
+
+
 class PolicySection(_Section):
     """The policy delegation server of ``mailtally run`` (``policy:``)."""
 
     listen: list[str] = Field(default_factory=list)  # "127.0.0.1:10040", "unix:/path"
     identity: Literal["envelope", "sasl", "client"] | None = None  # default: top identity
     count_at: Literal["END-OF-MESSAGE", "DATA"] = "END-OF-MESSAGE"
-    actions: dict[str, str] = Field(default_factory=dict)  # threshold level -> action
+    actions: dict[str, PolicyAction] = Field(default_factory=dict)  # level -> action
     fail_action: str = "DUNNO"  # on an internal error, a locked database, a slow answer
     budget: Duration = 0.5  # seconds a decision may take before fail_action is answered
     idle_timeout: Duration = 300.0  # Postfix's smtpd_policy_service_max_idle
@@ -173,11 +177,6 @@ class PolicySection(_Section):
             else:
                 parse_listen(item)
         return value
-
-    @field_validator("actions")
-    @classmethod
-    def _actions(cls, value: dict[str, str]) -> dict[str, str]:
-        return {level: _policy_action(action) for level, action in value.items()}
 
     @field_validator("fail_action")
     @classmethod
