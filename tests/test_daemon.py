@@ -241,10 +241,9 @@ def test_disk_full_is_retried_and_loses_nothing(
             daemon.wait_ready()
             wait_for(lambda: committed_offset(db) > 0, 20, "the first commit")
             filler = full / "filler"
-            with filler.open("wb") as f, contextlib.suppress(OSError):
-                while True:
+            with contextlib.suppress(OSError), filler.open("wb", buffering=0) as f:
+                while True:  # until the file system is full
                     f.write(b"\0" * 65536)
-                    f.flush()
             append(log, LINES[50:])
             wait_for(lambda: "database write failed" in daemon.log(), 20, "the failure")
             assert dump(db) != expected
