@@ -30,7 +30,9 @@ def test_units_verify(tmp_path: Path) -> None:
         timeout=60,
     )
     assert proc.returncode == 0, proc.stderr
-    assert proc.stderr.strip() == ""
+    # Other units installed on the machine may have warnings of their own.
+    ours = [line for line in proc.stderr.splitlines() if "mailtally" in line]
+    assert ours == []
 
 
 def test_daemon_unit_is_hardened_and_notifies() -> None:
