@@ -33,6 +33,11 @@ class PostfixSettings:
     maximal_backoff: int = 4
     queue_lifetime: int = 3600  # seconds; the expiry case shortens this
     long_queue_ids: bool = False
+    # More main.cf settings, (name, value), written after (and overriding) the above;
+    # e.g. smtpd_end_of_data_restrictions for a policy service under test.
+    main_cf_extra: tuple[tuple[str, str], ...] = ()
+    # More master.cf lines (services, their "  -o" lines), appended to the above.
+    master_cf_extra: tuple[str, ...] = ()
 
 
 class PostfixInstance:
@@ -116,6 +121,7 @@ class PostfixInstance:
             "smtpd_banner": "$myhostname ESMTP",
             "enable_long_queue_ids": "yes" if s.long_queue_ids else "no",
         }
+        lines.update(s.main_cf_extra)
         return "".join(f"{key} = {value}\n" for key, value in lines.items())
 
     def _master_cf(self) -> str:
@@ -149,6 +155,7 @@ class PostfixInstance:
             "anvil unix - - n - 1 anvil",
             "scache unix - - n - 1 scache",
             "postlog unix-dgram n - n - 1 postlogd",
+            *s.master_cf_extra,
         ]
         return "\n".join(services) + "\n"
 

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import DATA
 from daemonproc import (
     COUNTED,
     SCENARIO,
@@ -295,3 +296,28 @@ def test_inotify_watch_limit_reached_falls_back_to_polling(
             assert "polling the log files instead" in daemon.log()
     finally:
         WATCHES.write_text(saved)
+
+
+def test_other_logs_beside_the_followed_one_are_not_rotations(
+    tmp_path: Path, expected: dict[str, object]
+) -> None:
+    run = file_run(tmp_path)
+    log, db, cfg = run.log, run.db, run.config
+    first, second = chunks(LINES, 2)
+    append(log, first)
+    with Running(cfg, tmp_path) as daemon:
+        daemon.wait_ready()
+        wait_read(db, log)
+        daemon.stop()
+    # Written after the live file, with names that start like it: not rotated copies.
+    rfc3339 = (DATA / "scenario" / "mail.log.rfc3339").read_text(encoding="utf-8")
+    (tmp_path / "mail.log.rfc3339").write_text(rfc3339, encoding="utf-8")
+    shutil.copy(DATA / "scenario" / "maillog_file.log", tmp_path / "mail.log.bak")
+    append(log, second)
+    with Running(cfg, tmp_path) as daemon:
+        daemon.wait_ready()
+        wait_equal(db, expected)
+        time.sleep(0.5)
+        daemon.stop()
+        assert "reading rotated file" not in daemon.log()
+    assert dump(db) == expected

@@ -25,6 +25,7 @@ import glob
 import gzip
 import logging
 import os
+import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -86,14 +87,22 @@ class _Candidate:
     gzip: bool = field(default=False)
 
 
+# What logrotate appends to a rotated file's name: a number (mail.log.1, .2.gz) or,
+# with dateext, a date of digits and dashes (mail.log-20261203, -2026-12-03.gz).
+ROTATED_SUFFIX = re.compile(r"[.-][0-9][0-9-]*(?:\.gz)?\Z")
+
+
 def family(path: Path) -> list[Path]:
-    """Return `path`'s rotated siblings: ``mail.log.1``, ``.2.gz``, ``mail.log-20261203``."""
+    """Return `path`'s rotated siblings: ``mail.log.1``, ``.2.gz``, ``mail.log-20261203``.
+
+    Only logrotate's names: ``mail.log.bak`` or ``mail.log.rfc3339`` are other logs.
+    """
     stem = path.name
     try:
         return [
             p
             for p in path.parent.iterdir()
-            if p.name != stem and p.name.startswith((stem + ".", stem + "-"))
+            if p.name.startswith(stem) and ROTATED_SUFFIX.match(p.name, len(stem))
         ]
     except OSError:
         return []
@@ -213,7 +222,8 @@ class FileFollower:
                 # plain one is whole. The live file itself always wins.
                 if other is None or other.gzip or p == path:
                     candidates[source] = found
-            ordered = sorted(candidates.values(), key=lambda c: (c.mtime, c.path != path))
+            # The live file comes last whatever its mtime: it is where rotation leads.
+            ordered = sorted(candidates.values(), key=lambda c: (c.path == path, c.mtime))
             known = [i for i, c in enumerate(ordered) if self.lookup(c.source) is not None]
             if not known:
                 continue
