@@ -291,9 +291,9 @@ def test_postfix_enforces_the_daily_limit_through_mailtally(stack_base: Path) ->
             Stack(stack_base / "stack", postfix_settings(ports, policy_port))
         )
         today = datetime.now(UTC).date().isoformat()
-        # Not mail.log: its sibling mail.log.rfc3339 would be read as a rotation of it
-        # when the daemon restarts below, counting every message twice.
-        mail_log = stack.rs.rfc3339
+        # The traditional file, with mail.log.rfc3339 beside it: the restart below also
+        # shows that a sibling log is not taken for a rotated copy.
+        mail_log = stack.rs.traditional
 
         # DEFER_IF_PERMIT: the busy sender's first LIMIT messages pass, the next are deferred.
         config = write_daemon_config(work, db, mail_log, policy_port, DEFER)
