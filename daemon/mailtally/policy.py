@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_LINE = 16 * 1024  # bytes of one attribute line (certificates are the longest)
+MAX_REQUEST = 64 * 1024  # bytes of one whole request
 MAX_ATTRIBUTES = 256  # Postfix 3.7 sends about 40
 MAX_INSTANCES = 200_000  # message instances remembered for de-duplication
 BLOCKING = ("DEFER", "DEFER_IF_PERMIT", "REJECT")
@@ -167,7 +168,7 @@ class PolicyServer:
             if path.is_socket():
                 path.unlink()  # left by a killed run
             server = await asyncio.start_unix_server(
-                self._connection, path=str(path), limit=MAX_LINE, backlog=policy.backlog
+                self._connection, path=str(path), limit=MAX_REQUEST, backlog=policy.backlog
             )
             path.chmod(0o666)  # smtpd runs as postfix; keep the socket's directory private
             return server
@@ -176,7 +177,7 @@ class PolicyServer:
             self._connection,
             host or None,
             port,
-            limit=MAX_LINE,
+            limit=MAX_REQUEST,
             backlog=policy.backlog,
             reuse_address=True,
         )
@@ -208,70 +209,46 @@ class PolicyServer:
         policy = self.config.policy
         self._connections += 1
         peer = writer.get_extra_info("peername") or "unix"
+        loop = asyncio.get_running_loop()
+        timer: asyncio.TimerHandle | None = None
         try:
             if self._connections > policy.max_connections:
                 log.warning("policy connection refused: %d open", self._connections - 1)
                 return
             while True:
+                # Timers that abort the connection, rather than wait_for per read: a
+                # wait_for costs a task each, and a request has dozens of lines.
+                timer = loop.call_later(policy.idle_timeout, writer.transport.abort)
+                first = await reader.readexactly(1)  # waiting for the next request
+                timer.cancel()
+                timer = loop.call_later(policy.request_timeout, writer.transport.abort)
+                rest = b"" if first == b"\n" else await reader.readuntil(b"\n\n")
+                timer.cancel()
                 try:
-                    request = await self._request(
-                        reader, policy.idle_timeout, policy.request_timeout
-                    )
-                except (Malformed, ValueError, asyncio.LimitOverrunError) as exc:
+                    request = parse_request(first + rest)
+                except Malformed as exc:
                     log.warning(
                         "policy request malformed, connection closed peer=%s error=%s", peer, exc
                     )
                     return
-                if request is None:
-                    return  # the client closed (or went idle): Postfix reconnects
                 action = await self._answer(request)
                 writer.write(b"action=" + action.encode("utf-8", "replace") + b"\n\n")
                 await writer.drain()
+        except asyncio.LimitOverrunError:
+            log.warning(
+                "policy request malformed, connection closed peer=%s error=request over %d bytes",
+                peer,
+                MAX_REQUEST,
+            )
         except (ConnectionError, asyncio.IncompleteReadError, TimeoutError):
-            return  # gone mid-request: nothing was decided for it
+            return  # closed, idle, or gone mid-request: nothing was decided for it
         finally:
+            if timer is not None:
+                timer.cancel()
             self._connections -= 1
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
-
-    async def _request(
-        self, reader: asyncio.StreamReader, idle: float, whole: float
-    ) -> dict[str, str] | None:
-        """Read one request; None when the client closed or stayed idle too long."""
-        try:
-            first = await asyncio.wait_for(reader.readline(), idle)
-        except TimeoutError:
-            return None
-        if not first:
-            return None
-        deadline = asyncio.get_running_loop().time() + whole
-        attrs: dict[str, str] = {}
-        line = first
-        count = 0
-        while True:
-            if not line.endswith(b"\n"):
-                if not line:
-                    return None  # closed mid-request
-                raise Malformed("line without its end")
-            text = line.rstrip(b"\r\n")
-            if not text:
-                break
-            count += 1
-            if count > MAX_ATTRIBUTES:
-                raise Malformed(f"more than {MAX_ATTRIBUTES} attributes")
-            name, eq, value = text.partition(b"=")
-            if not eq or not name:
-                raise Malformed(f"not name=value: {text[:80]!r}")
-            if value:  # an empty value is as good as absent
-                attrs[name.decode("ascii", "replace")] = value.decode("utf-8", "replace")
-            remaining = deadline - asyncio.get_running_loop().time()
-            if remaining <= 0:
-                raise Malformed(f"request not complete within {whole:g} s")
-            line = await asyncio.wait_for(reader.readline(), remaining)
-        if attrs.get("request") != "smtpd_access_policy":
-            raise Malformed(f"request={attrs.get('request')!r}")
-        return attrs
 
     # -- decisions ----------------------------------------------------------------------
 
@@ -459,6 +436,28 @@ class PolicyServer:
         keep = (today - timedelta(days=1)).isoformat()
         for key in [k for k in self._counts if k[1] < keep]:
             del self._counts[key]
+
+
+def parse_request(data: bytes) -> dict[str, str]:
+    """Parse one request (``name=value`` lines, an empty line last); raise Malformed."""
+    lines = data.split(b"\n")
+    if len(lines) > MAX_ATTRIBUTES + 2:
+        raise Malformed(f"more than {MAX_ATTRIBUTES} attributes")
+    attrs: dict[str, str] = {}
+    for raw in lines:
+        text = raw.rstrip(b"\r")
+        if not text:
+            continue
+        if len(text) > MAX_LINE:
+            raise Malformed(f"a line of over {MAX_LINE} bytes")
+        name, eq, value = text.partition(b"=")
+        if not eq or not name:
+            raise Malformed(f"not name=value: {text[:80]!r}")
+        if value:  # an empty value is as good as absent
+            attrs[name.decode("ascii", "replace")] = value.decode("utf-8", "replace")
+    if attrs.get("request") != "smtpd_access_policy":
+        raise Malformed(f"request={attrs.get('request')!r}")
+    return attrs
 
 
 def _settle(waiters: list[asyncio.Future[None]], error: BaseException | None) -> None:
