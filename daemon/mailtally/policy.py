@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mailtally.config import parse_listen
-from mailtally.correlate import NULL_SENDER, normalise
+from mailtally.correlate import COLUMNS, NULL_SENDER, normalise
 from mailtally.errors import MailtallyError
 from mailtally.store import DayRow, open_store
 from mailtally.thresholds import Thresholds
@@ -49,6 +49,7 @@ MAX_ATTRIBUTES = 256  # Postfix 3.7 sends about 40
 MAX_INSTANCES = 200_000  # message instances remembered for de-duplication
 BLOCKING = ("DEFER", "DEFER_IF_PERMIT", "REJECT")
 SELF_TEST_SENDER = "mailtally-self-test@invalid"
+_LOGGED = f"SELECT {', '.join(COLUMNS)} FROM counters WHERE sender = ? AND day = ?"  # noqa: S608
 
 
 class Malformed(Exception):  # noqa: N818 - a condition of the input, not a bug
@@ -342,7 +343,8 @@ class PolicyServer:
         """The store's counters (from the log) for the identity's day."""
         if self.identity == "client":
             return DayRow(day)
-        return self.store.day_rows(identity, day, day).get(day) or DayRow(day)
+        row = self.store.conn.execute(_LOGGED, (identity, day)).fetchone()
+        return DayRow(day, *row) if row is not None else DayRow(day)
 
     def _block(
         self,
@@ -440,21 +442,21 @@ class PolicyServer:
 
 def parse_request(data: bytes) -> dict[str, str]:
     """Parse one request (``name=value`` lines, an empty line last); raise Malformed."""
-    lines = data.split(b"\n")
+    text = data.decode("utf-8", "replace")  # once: values may be any bytes
+    lines = text.split("\n")
     if len(lines) > MAX_ATTRIBUTES + 2:
         raise Malformed(f"more than {MAX_ATTRIBUTES} attributes")
     attrs: dict[str, str] = {}
-    for raw in lines:
-        text = raw.rstrip(b"\r")
-        if not text:
+    for line in lines:
+        if not line or line == "\r":
             continue
-        if len(text) > MAX_LINE:
-            raise Malformed(f"a line of over {MAX_LINE} bytes")
-        name, eq, value = text.partition(b"=")
+        if len(line) > MAX_LINE:
+            raise Malformed(f"a line of over {MAX_LINE} characters")
+        name, eq, value = line.partition("=")
         if not eq or not name:
-            raise Malformed(f"not name=value: {text[:80]!r}")
+            raise Malformed(f"not name=value: {line[:80]!r}")
         if value:  # an empty value is as good as absent
-            attrs[name.decode("ascii", "replace")] = value.decode("utf-8", "replace")
+            attrs[name] = value.removesuffix("\r")
     if attrs.get("request") != "smtpd_access_policy":
         raise Malformed(f"request={attrs.get('request')!r}")
     return attrs
