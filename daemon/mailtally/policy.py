@@ -62,7 +62,82 @@ class _Durable:
     def __init__(self) -> None:
         self.counts: set[tuple[str, str]] = set()
         self.blocks: list[tuple[object, ...]] = []
-        self.waiters: list[asyncio.Future[None]] = []
+        # In arrival order: (connection, action, started, needs the commit).
+        self.answers: list[tuple[_Connection, str, float, bool]] = []
+
+
+class _Connection(asyncio.Protocol):
+    """One smtpd process's connection: requests in, answers out in the same order."""
+
+    def __init__(self, server: PolicyServer) -> None:
+        self.server = server
+        self.buffer = bytearray()
+        self.transport: asyncio.Transport | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.queued = 0  # answers of this connection waiting for a commit
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        server = self.server
+        server._connections += 1
+        if server._connections > server.config.policy.max_connections:
+            log.warning("policy connection refused: %d open", server._connections - 1)
+            transport.abort()
+            return
+        self._arm(server.config.policy.idle_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        while not self.closed:
+            end = self.buffer.find(b"\n\n")
+            if end < 0:
+                break
+            if end == 0 or self.buffer[0:1] == b"\n":
+                raw = b"\n"  # an empty request: malformed below
+                del self.buffer[:1]
+            else:
+                raw = bytes(self.buffer[: end + 2])
+                del self.buffer[: end + 2]
+            try:
+                attrs = parse_request(raw)
+            except Malformed as exc:
+                self._malformed(str(exc))
+                return
+            self.server._request(self, attrs)
+        if len(self.buffer) > MAX_REQUEST:
+            self._malformed(f"request over {MAX_REQUEST} bytes")
+            return
+        policy = self.server.config.policy
+        self._arm(policy.request_timeout if self.buffer else policy.idle_timeout)
+
+    def _malformed(self, reason: str) -> None:
+        peer = self.transport.get_extra_info("peername") if self.transport else None
+        log.warning(
+            "policy request malformed, connection closed peer=%s error=%s", peer or "unix", reason
+        )
+        self.close()
+
+    def _arm(self, seconds: float) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer = asyncio.get_running_loop().call_later(seconds, self.close)
+
+    def send(self, action: str) -> None:
+        if not self.closed and self.transport is not None:
+            self.transport.write(b"action=" + action.encode("utf-8", "replace") + b"\n\n")
+
+    def close(self) -> None:
+        if not self.closed and self.transport is not None:
+            self.closed = True
+            self.transport.close()  # what was written goes out first
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.server._connections -= 1
+        if self.timer is not None:
+            self.timer.cancel()
 
 
 class PolicyServer:
@@ -164,21 +239,21 @@ class PolicyServer:
 
     async def _listen(self, address: str) -> asyncio.base_events.Server:
         policy = self.config.policy
+        loop = asyncio.get_running_loop()
         if address.startswith("unix:"):
             path = Path(address[5:])
             if path.is_socket():
                 path.unlink()  # left by a killed run
-            server = await asyncio.start_unix_server(
-                self._connection, path=str(path), limit=MAX_REQUEST, backlog=policy.backlog
+            server = await loop.create_unix_server(
+                lambda: _Connection(self), path=str(path), backlog=policy.backlog
             )
             path.chmod(0o666)  # smtpd runs as postfix; keep the socket's directory private
             return server
         host, port = parse_listen(address)
-        return await asyncio.start_server(
-            self._connection,
+        return await loop.create_server(
+            lambda: _Connection(self),
             host or None,
             port,
-            limit=MAX_REQUEST,
             backlog=policy.backlog,
             reuse_address=True,
         )
@@ -202,87 +277,52 @@ class PolicyServer:
         if not answer.startswith(b"action="):
             raise MailtallyError(f"self-test answered {answer!r}")
 
-    # -- connections -------------------------------------------------------------------
-
-    async def _connection(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        policy = self.config.policy
-        self._connections += 1
-        peer = writer.get_extra_info("peername") or "unix"
-        loop = asyncio.get_running_loop()
-        timer: asyncio.TimerHandle | None = None
-        try:
-            if self._connections > policy.max_connections:
-                log.warning("policy connection refused: %d open", self._connections - 1)
-                return
-            while True:
-                # Timers that abort the connection, rather than wait_for per read: a
-                # wait_for costs a task each, and a request has dozens of lines.
-                timer = loop.call_later(policy.idle_timeout, writer.transport.abort)
-                first = await reader.readexactly(1)  # waiting for the next request
-                timer.cancel()
-                timer = loop.call_later(policy.request_timeout, writer.transport.abort)
-                rest = b"" if first == b"\n" else await reader.readuntil(b"\n\n")
-                timer.cancel()
-                try:
-                    request = parse_request(first + rest)
-                except Malformed as exc:
-                    log.warning(
-                        "policy request malformed, connection closed peer=%s error=%s", peer, exc
-                    )
-                    return
-                action = await self._answer(request)
-                writer.write(b"action=" + action.encode("utf-8", "replace") + b"\n\n")
-                await writer.drain()
-        except asyncio.LimitOverrunError:
-            log.warning(
-                "policy request malformed, connection closed peer=%s error=request over %d bytes",
-                peer,
-                MAX_REQUEST,
-            )
-        except (ConnectionError, asyncio.IncompleteReadError, TimeoutError):
-            return  # closed, idle, or gone mid-request: nothing was decided for it
-        finally:
-            if timer is not None:
-                timer.cancel()
-            self._connections -= 1
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
-
     # -- decisions ----------------------------------------------------------------------
 
-    async def _answer(self, attrs: dict[str, str]) -> str:
+    def _request(self, connection: _Connection, attrs: dict[str, str]) -> None:
+        """Decide; answer now, or after the commit if it changed counts (or must wait
+        behind an earlier answer of the same connection that does)."""
         started = time.perf_counter()
         policy = self.config.policy
-        reason = None
         try:
             action, durable = self._decide(attrs)
-            if durable:
-                await self._commit()
         except sqlite3.OperationalError as exc:
-            action, reason = policy.fail_action, "database"
-            log.warning("policy answered %s: database error=%s", action, exc)
+            log.warning("policy answered %s: database error=%s", policy.fail_action, exc)
+            self._done(connection, policy.fail_action, started, "database")
+            return
         except Exception:  # fail open: Postfix must get an answer
-            action, reason = policy.fail_action, "error"
             log.exception("policy answered %s after an internal error", policy.fail_action)
+            self._done(connection, policy.fail_action, started, "error")
+            return
+        if durable or connection.queued:
+            connection.queued += 1
+            self._durable.answers.append((connection, action, started, durable))
+            if not self._flush_scheduled:
+                self._flush_scheduled = True
+                asyncio.get_running_loop().call_soon(self._flush)
+            return
+        self._done(connection, action, started, None)
+
+    def _done(
+        self, connection: _Connection, action: str, started: float, reason: str | None
+    ) -> None:
+        policy = self.config.policy
         elapsed = time.perf_counter() - started
         if reason is None and elapsed > policy.budget:
-            action, reason = policy.fail_action, "slow"
             log.warning(
                 "policy decision took %.3f s (budget %g s), answered %s",
                 elapsed,
                 policy.budget,
-                action,
+                policy.fail_action,
             )
+            action, reason = policy.fail_action, "slow"
+        connection.send(action)
         self.answered += 1
         if self.metrics is not None:
             self.metrics.requests.labels(action.split(" ", 1)[0]).inc()
             self.metrics.seconds.observe(elapsed)
             if reason is not None:
                 self.metrics.failopen.labels(reason).inc()
-        return action
 
     def _who(self, attrs: dict[str, str]) -> str | None:
         if self.identity == "client":
@@ -383,21 +423,23 @@ class PolicyServer:
 
     # -- durability ----------------------------------------------------------------------
 
-    async def _commit(self) -> None:
-        """Wait until everything decided so far is committed (one commit per loop turn)."""
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._durable.waiters.append(future)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
-        await future
-
     def _flush(self) -> None:
+        """Commit what the answers of this loop turn decided, then send the answers."""
         self._flush_scheduled = False
         durable, self._durable = self._durable, _Durable()
-        if not durable.counts and not durable.blocks:
-            _settle(durable.waiters, None)
-            return
+        failed: str | None = None
+        if durable.counts or durable.blocks:
+            failed = self._commit(durable)
+        fail_action = self.config.policy.fail_action
+        for connection, action, started, needed in durable.answers:
+            connection.queued -= 1
+            if failed is not None and needed:
+                self._done(connection, fail_action, started, "database")
+            else:
+                self._done(connection, action, started, None)
+
+    def _commit(self, durable: _Durable) -> str | None:
+        """Write counts and blocks in one transaction; the error, or None."""
         conn = self.store.conn
         try:
             conn.execute("BEGIN IMMEDIATE")
@@ -419,9 +461,9 @@ class PolicyServer:
             # Kept in memory: the next commit writes them (counts are absolute values).
             self._durable.counts |= durable.counts
             self._durable.blocks.extend(durable.blocks)
-            _settle(durable.waiters, sqlite3.OperationalError(str(exc)))
-            return
-        _settle(durable.waiters, None)
+            log.warning("policy answered fail_action: database error=%s", exc)
+            return str(exc)
+        return None
 
     def _load_counts(self) -> None:
         today = datetime.fromtimestamp(self.now(), self.tz).date()
@@ -460,15 +502,6 @@ def parse_request(data: bytes) -> dict[str, str]:
     if attrs.get("request") != "smtpd_access_policy":
         raise Malformed(f"request={attrs.get('request')!r}")
     return attrs
-
-
-def _settle(waiters: list[asyncio.Future[None]], error: BaseException | None) -> None:
-    for future in waiters:
-        if not future.done():
-            if error is None:
-                future.set_result(None)
-            else:
-                future.set_exception(error)
 
 
 def _int(text: str | None) -> int:
