@@ -176,9 +176,13 @@ columns:
 --details adds one row per delivery attempt and reject: time, sender IP, relay, queue
 id, recipient, status and the remote server's response.
 
+--mail sends the same report, details included, as the query frontend does: a text
+and an HTML part, through notify.smtp, from notify.from (at most 2000 detail rows).
+
 examples:
   mailtally report --sender alice@example.edu
-  mailtally report --sender alice@example.edu --since 2026-11-01 --details --format json""",
+  mailtally report --sender alice@example.edu --since 2026-11-01 --details --format json
+  mailtally report --sender alice@example.edu --mail alice@example.edu --language zh-TW""",
     )
     _common(p)
     p.add_argument(
@@ -199,6 +203,17 @@ examples:
     p.add_argument("--details", action="store_true", help="add per-delivery rows")
     p.add_argument(
         "--format", choices=("table", "json", "csv"), default="table", help="output format"
+    )
+    p.add_argument(
+        "--mail",
+        metavar="ADDR",
+        help="mail the report (with details) to ADDR through notify.smtp, from notify.from,"
+        " instead of printing it",
+    )
+    p.add_argument(
+        "--language",
+        choices=("en", "zh-TW"),
+        help="language of the --mail report (default: notify's language for ADDR)",
     )
 
 
@@ -356,21 +371,43 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    # Imported here: only --mail needs Jinja2 and SMTP.
+    import socket
+
+    from mailtally.notify.message import safe_address
+    from mailtally.notify.outbox import PermanentError, TemporaryError
+    from mailtally.reportmail import ReportRequest, mail_report
+
     config = _config(args)
     tz = config.tz()
     until = _day(args.until, tz)
     since = _day(args.since, tz) if args.since else until - timedelta(days=30)
     if since > until:
         raise UsageError(f"--since {since} is after --until {until}")
+    mail = None if args.mail is None else args.mail.strip()
+    if mail is not None and safe_address(mail) is None:
+        raise UsageError(f"--mail {args.mail!r}: expected a plain address such as a@example.edu")
     # The same key the counters were kept under (case, +extension per the config).
     sender = normalise(args.sender.strip().strip("<>"), config.correlator_settings())
     store = open_reader(config.database)
     try:
-        report = build_report(store, sender, since, until, tz, details=args.details)
+        report = build_report(
+            store, sender, since, until, tz, details=args.details or mail is not None
+        )
     finally:
         store.close()
-    render = {"json": as_json, "csv": as_csv, "table": as_table}[args.format]
-    sys.stdout.write(render(report) + ("\n" if args.format == "json" else ""))
+    if mail is None:
+        render = {"json": as_json, "csv": as_csv, "table": as_table}[args.format]
+        sys.stdout.write(render(report) + ("\n" if args.format == "json" else ""))
+        return 0
+    language = args.language or config.notify.language_for(mail)
+    request = ReportRequest(mail, since, until, "command line", language, datetime.now(tz))
+    try:
+        mail_report(config, report, request, socket.getfqdn())
+    except (TemporaryError, PermanentError) as exc:
+        reason = " ".join(str(exc).split())  # a multi-line SMTP reply stays one line
+        raise MailtallyError(f"report for {sender} not mailed to {mail}: {reason}") from exc
+    print(f"report for {sender} mailed to {mail}")
     return 0
 
 
