@@ -11,6 +11,7 @@ import hashlib
 import http.cookiejar
 import io
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -671,3 +672,22 @@ def _get(opener: urllib.request.OpenerDirector, url: str, proc: subprocess.Popen
                 out = proc.stdout.read() if proc.stdout else ""
                 raise AssertionError(f"frontend did not start: {out}") from None
             time.sleep(0.1)
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze missing")
+def test_systemd_unit_verifies(tmp_path: Path) -> None:
+    mailtally = Path(sys.executable).with_name("mailtally")
+    unit = (ROOT / "contrib" / "systemd" / "mailtally-frontend.service").read_text()
+    assert "ExecStart=/usr/local/bin/mailtally frontend --config" in unit
+    (tmp_path / "mailtally-frontend.service").write_text(
+        unit.replace("/usr/local/bin/mailtally", str(mailtally)), encoding="utf-8"
+    )
+    proc = subprocess.run(
+        ["systemd-analyze", "verify", str(tmp_path / "mailtally-frontend.service")],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert [line for line in proc.stderr.splitlines() if "mailtally" in line] == []
