@@ -236,6 +236,8 @@ def test_html_is_one_self_contained_document(scenario: Scenario) -> None:
     assert "https:" not in html
     assert "src=" not in html
     assert html.startswith("<!DOCTYPE html>")
+    assert "=&#34;" not in html  # an attribute the template meant, escaped by mistake
+    assert 'style="background:' in html  # every other detail row shaded
     assert all(cell[0] == "th" for t in tables.tables[1:] for cell in t[0])
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import date, datetime, tzinfo
 from email.message import EmailMessage
 from email.utils import format_datetime, make_msgid
 from functools import cache
@@ -167,7 +167,7 @@ def _context(
         "days_in_range": (report.until - report.since).days + 1,
         "client_ip": clean(request.client_ip),
         "asked_at": asked.strftime("%Y-%m-%d %H:%M:%S"),
-        "zone": f"{clean(str(report.tz))} (UTC{_offset(asked)})",
+        "zone": _zone(report.tz, asked),
         "language": request.language,
         "hostname": clean(hostname),
         "contact": reply_to or from_addr,
@@ -199,10 +199,12 @@ def _context(
     return context
 
 
-def _offset(moment: datetime) -> str:
-    """Format the UTC offset as +08:00 (strftime's %z gives +0800)."""
-    z = moment.strftime("%z")
-    return f"{z[:3]}:{z[3:5]}" if z else "+00:00"
+def _zone(tz: tzinfo, moment: datetime) -> str:
+    """Name the zone with its offset at `moment`: "Asia/Taipei (UTC+08:00)", or "UTC"."""
+    name = clean(str(tz))
+    z = moment.strftime("%z") or "+0000"  # strftime's %z gives +0800
+    offset = f"UTC{z[:3]}:{z[3:5]}"
+    return name if name in {"UTC", offset} else f"{name} ({offset})"
 
 
 @cache
