@@ -423,8 +423,12 @@ def test_code_of_another_session_and_missing_csrf_are_refused(app: Flask, setup:
 
 def test_code_image_is_a_png_of_the_code(app: Flask) -> None:
     client = app.test_client()
-    form = fields(client.get("/").get_data(as_text=True))
-    resp = client.get(f"/code.png?t={form['token']}")
+    html = client.get("/").get_data(as_text=True)
+    form = fields(html)
+    src = re.search(r'<img src="([^"]+)"', html)
+    assert src is not None
+    assert src.group(1).replace("&amp;", "&") == f"/code.png?t={form['token']}"
+    resp = client.get(src.group(1))
     assert resp.status_code == 200
     assert resp.mimetype == "image/png"
     assert resp.headers["Cache-Control"] == "no-store"
