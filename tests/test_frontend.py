@@ -695,3 +695,53 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert [line for line in proc.stderr.splitlines() if "mailtally" in line] == []
+
+
+def test_cli_serves_the_frontend_and_check_config_checks_it(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("frontend:\n  domains: ['not a domain']\n", encoding="utf-8")
+    proc = run_cli("check-config", bad, check=False)
+    assert proc.returncode == 2
+    assert "frontend.domains" in proc.stderr
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = tmp_path / "f.yaml"
+    cfg.write_text(
+        f"database: {tmp_path / 'db.sqlite'}\nfrontend:\n  domains: [campus.example]\n"
+        f"  secret_file: {tmp_path / 'key'}\n  state: {tmp_path / 'state.db'}\n",
+        encoding="utf-8",
+    )
+    run_cli("ingest", "--config", cfg, ROOT / "tests" / "data" / "scenario" / "mail.log")
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mailtally",
+            "frontend",
+            "--config",
+            str(cfg),
+            "--listen",
+            f"127.0.0.1:{port}",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as r:
+                    page = r.read().decode()
+                    break
+            except (urllib.error.URLError, ConnectionError):
+                if time.monotonic() > deadline or child.poll() is not None:
+                    raise
+                time.sleep(0.1)
+        assert "SMTP log query" in page
+    finally:
+        child.terminate()
+        child.wait(timeout=20)
+        assert child.stderr is not None
+        child.stderr.close()

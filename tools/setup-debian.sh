@@ -5,7 +5,7 @@ set -eu
 
 APT_PACKAGES="python3 python3-venv python3-dev gcc pkg-config libsystemd-dev sqlite3 make
 postfix rsyslog sasl2-bin libsasl2-modules pflogsumm systemd-journal-remote logrotate openssl
-prometheus policyd-rate-limit"
+prometheus policyd-rate-limit chromium fonts-noto-cjk"
 
 missing=""
 for pkg in $APT_PACKAGES; do

@@ -94,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_top(sub)
     _add_check_config(sub)
     _add_run(sub)
+    _add_frontend(sub)
     return parser
 
 
@@ -305,6 +306,27 @@ examples:
     _common(p, db=False)
 
 
+def _add_frontend(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "frontend",
+        formatter_class=_Formatter,
+        epilog=EPILOG,
+        help="serve the query form that mails senders their reports (waitress)",
+        description="""\
+Serve the "SMTP log query" form on frontend.listen: a sender of the configured domains
+asks for their report over a date range and gets it by mail, at that address only.
+The page shows no data. It reads the database read-only and keeps its own state
+(used verification codes, rate limits) in frontend.state. Run it behind a reverse
+proxy for HTTPS (see frontend.proxies in etc/mailtally.yaml).
+
+examples:
+  mailtally frontend --config /etc/mailtally/mailtally.yaml
+  mailtally frontend --listen 127.0.0.1:8081""",
+    )
+    _common(p, db=False)
+    p.add_argument("--listen", metavar="HOST:PORT", help="instead of frontend.listen")
+
+
 def _config(args: argparse.Namespace) -> Config:
     path = args.config
     if path is None and DEFAULT_PATH.exists():
@@ -440,6 +462,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
     config = load_config(args.file)
     Templates(config.notify.templates).check()
+    if config.frontend:
+        from mailtally.frontend.settings import frontend_settings
+
+        frontend_settings(config, args.file)
     if any(isinstance(s, JournalSourceConfig) for s in config.sources):
         from mailtally.sources.journal import journal_missing
 
@@ -472,12 +498,25 @@ def cmd_run(args: argparse.Namespace) -> int:
     return Daemon(config, path).run()
 
 
+def cmd_frontend(args: argparse.Namespace) -> int:
+    from mailtally.frontend.__main__ import serve  # Flask and waitress only here
+
+    path = args.config
+    if path is None and DEFAULT_PATH.exists():
+        path = DEFAULT_PATH
+    if path is None:
+        raise UsageError("the frontend needs a configuration file (--config FILE)")
+    serve(path, args.listen)
+    return 0
+
+
 COMMANDS = {
     "ingest": cmd_ingest,
     "report": cmd_report,
     "top": cmd_top,
     "check-config": cmd_check_config,
     "run": cmd_run,
+    "frontend": cmd_frontend,
 }
 
 
@@ -514,7 +553,7 @@ def setup_logging(verbose: bool, debug: bool, daemon: bool = False) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    setup_logging(args.verbose, args.debug, daemon=args.command == "run")
+    setup_logging(args.verbose, args.debug, daemon=args.command in {"run", "frontend"})
     try:
         return COMMANDS[args.command](args)
     except MailtallyError as exc:
