@@ -23,6 +23,7 @@ from flask import Flask, Response, abort, g, render_template, request, session
 from werkzeug.exceptions import HTTPException
 
 from mailtally.config import Config
+from mailtally.correlate import normalise
 from mailtally.errors import ConfigError, MailtallyError
 from mailtally.frontend.captcha import Codes, Verdict
 from mailtally.frontend.i18n import LANGUAGES, NAMES, words
@@ -211,10 +212,12 @@ class Frontend:
 
     def send(self, query: Query) -> None:
         """Read the report from the store (read-only) and mail it to the address only."""
+        # The key the counters are kept under (strip_extension, as `report` does).
+        sender = normalise(query.address, self.config.correlator_settings())
         store = open_reader(self.config.database)
         try:
             report = build_report(
-                store, query.address, query.since, query.until, self.tz, self.settings.details
+                store, sender, query.since, query.until, self.tz, self.settings.details
             )
         finally:
             store.close()
