@@ -66,6 +66,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
 import genlog  # noqa: E402  (a script beside this one, not a package)
+from procstat import cpu_seconds  # noqa: E402
 
 EXAMPLES = """\
 examples:
@@ -80,7 +81,6 @@ STAMP_LEN = 15  # "Dec  3 09:41:40": traditional syslog stamps are fixed-width
 START_TIMEOUT = 30.0  # seconds for a daemon to send READY=1
 DRAIN_TIMEOUT = 30.0  # seconds after the last write for the daemon to commit it
 STOP_TIMEOUT = 30.0
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 # Row order is not part of what is stored; details ids are an artefact of batching.
 TABLES = {
     "counters": "SELECT * FROM counters ORDER BY sender, day",
@@ -241,26 +241,6 @@ class Daemon:
         self._stderr.flush()
         text = self.stderr_path.read_text(encoding="utf-8", errors="replace").strip()
         return f": {text[-800:]}" if text else ""
-
-
-def cpu_seconds(pid: int) -> dict[int, float]:
-    """Return user + system CPU seconds of `pid` and each of its descendants, by pid."""
-    parents: dict[int, int] = {}
-    used: dict[int, float] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text(encoding="ascii", errors="replace")
-        except OSError:  # exited meanwhile
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()  # the command name may hold spaces
-        parents[int(entry.name)] = int(fields[1])
-        used[int(entry.name)] = (int(fields[11]) + int(fields[12])) / CLK_TCK
-    tree = {pid}
-    for _ in range(8):  # depth bound; the daemon has one level of children
-        tree |= {p for p, parent in parents.items() if parent in tree}
-    return {p: used[p] for p in tree if p in used}
 
 
 class Committed:

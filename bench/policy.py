@@ -85,6 +85,10 @@ from pathlib import Path
 from typing import IO
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+from procstat import cpu_seconds as process_tree_cpu  # noqa: E402  (a script beside this one)
+
 EXAMPLES = """\
 examples:
   .venv/bin/python bench/policy.py                  concurrency 1, 10, 50; 20,000 requests
@@ -100,7 +104,6 @@ TARGET_P99_MS = 20.0  # mailtally's p99 at concurrency 50
 TARGET_CONCURRENCY = 50
 START_TIMEOUT = 30.0  # seconds for a server to answer its first request
 MAX_ANSWER = 64 * 1024  # bytes; an answer is one short line
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 QUEUE_ID_DIGITS = "0123456789BCDFGHJKLMNPQRSTVWXYZbcdfghjklmnpqrstvwxyz"  # long queue ids
 BULK_SENDER = "bulk@lists.bench.example"
 
@@ -382,22 +385,7 @@ def free_port() -> int:
 
 def cpu_seconds(pid: int) -> float:
     """Return user + system CPU seconds of `pid` and its descendants (from /proc)."""
-    parents: dict[int, int] = {}
-    used: dict[int, float] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text(encoding="ascii", errors="replace")
-        except OSError:  # exited meanwhile
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()  # the command name may hold spaces
-        parents[int(entry.name)] = int(fields[1])
-        used[int(entry.name)] = (int(fields[11]) + int(fields[12])) / CLK_TCK
-    tree = {pid}
-    for _ in range(8):  # depth bound; mailtally run has one level of children
-        tree |= {p for p, parent in parents.items() if parent in tree}
-    return sum(used.get(p, 0.0) for p in tree)
+    return sum(process_tree_cpu(pid).values())
 
 
 class Server:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Iterable
@@ -109,3 +110,25 @@ def expected(tmp_path: Path) -> dict[str, Any]:
     from daemonproc import scenario_expected
 
     return scenario_expected(tmp_path)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def self_signed(tmp: Path) -> tuple[Path, Path]:
+    """A key and a self-signed certificate for 127.0.0.1, made by openssl; (key, cert)."""
+    key, cert = tmp / "key.pem", tmp / "cert.pem"
+    request = ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
+    subject = ["-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"]
+    subprocess.run(
+        ["openssl", *request, *subject, "-keyout", str(key), "-out", str(cert)],
+        capture_output=True,
+        check=True,
+        timeout=60,
+    )
+    return key, cert

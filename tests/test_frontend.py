@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ROOT, run_cli, stamp
+from conftest import ROOT, free_port, run_cli, stamp
 from flask import Flask
 from flask.testing import FlaskClient
 from mailtally.config import load_config
@@ -605,13 +605,6 @@ def test_state_limits_and_used_codes(tmp_path: Path) -> None:
 
 
 # -- the real server -------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def test_waitress_serves_the_form_and_mails_the_report(setup: Setup) -> None:

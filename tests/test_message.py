@@ -6,7 +6,6 @@ import email
 import email.policy
 import re
 import smtplib
-import socket
 from collections.abc import Iterator
 from dataclasses import replace
 from datetime import date, datetime
@@ -20,6 +19,7 @@ import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Session
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
+from conftest import free_port
 from mailtally.errors import ConfigError
 from mailtally.notify.message import (
     PACKAGED,
@@ -530,13 +530,6 @@ class Sink:
     ) -> str:
         self.envelopes.append(envelope)
         return "250 OK"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @pytest.fixture

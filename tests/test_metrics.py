@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import json
 import shutil
-import socket
 import sqlite3
 import ssl
 import subprocess
@@ -17,18 +16,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import free_port, self_signed
 from daemonproc import SCENARIO, Running, append, daemon_config, wait_for, wait_read
 from prometheus_client.parser import text_string_to_metric_families
 
 PROMTOOL = shutil.which("promtool")
 PROMETHEUS = shutil.which("prometheus")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def scrape(
@@ -160,15 +153,7 @@ def test_history_counters_survive_a_restart(tmp_path: Path) -> None:
 
 
 def test_tls_and_basic_auth(tmp_path: Path) -> None:
-    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-    request = ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
-    subject = ["-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"]
-    subprocess.run(
-        ["openssl", *request, *subject, "-keyout", str(key), "-out", str(cert)],
-        capture_output=True,
-        check=True,
-        timeout=60,
-    )
+    key, cert = self_signed(tmp_path)
     secret = tmp_path / "scrape-password"
     secret.write_text("hunter2\n")
     port = free_port()

@@ -10,14 +10,13 @@ import itertools
 import signal
 import sqlite3
 import ssl
-import subprocess
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from conftest import run_cli, stamp
+from conftest import run_cli, self_signed, stamp
 from daemonproc import Running, append, wait_for
 from smtpsink import Sink
 
@@ -297,15 +296,7 @@ def test_backfill_of_last_week_mails_nobody(tmp_path: Path, sink: Sink) -> None:
 
 
 def test_starttls_auth_and_admin_copies(tmp_path: Path) -> None:
-    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-    request = ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
-    subject = ["-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"]
-    subprocess.run(
-        ["openssl", *request, *subject, "-keyout", str(key), "-out", str(cert)],
-        capture_output=True,
-        check=True,
-        timeout=60,
-    )
+    key, cert = self_signed(tmp_path)
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(cert, key)
     sink = Sink(tls=context, login=("relaybot", "s3cret pass")).up()

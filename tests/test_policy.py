@@ -12,18 +12,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import run_cli, stamp
+from conftest import free_port, run_cli, stamp
 from daemonproc import Running, append, wait_for
 
 LIMIT = 5
 ACTION = "DEFER_IF_PERMIT 4.7.1 Daily limit reached"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def request(**attrs: str) -> bytes:
