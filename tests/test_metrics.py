@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import shutil
+import socket
 import sqlite3
 import ssl
 import subprocess
@@ -260,3 +261,21 @@ def test_a_real_prometheus_scrapes_it(tmp_path: Path) -> None:
             prometheus.terminate()
             prometheus.wait(timeout=30)
         daemon.stop()
+
+
+def test_a_taken_metrics_port_does_not_stop_counting(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        log, db = tmp_path / "mail.log", tmp_path / "run.db"
+        cfg = daemon_config(
+            tmp_path, db, [f"{{file: {log}}}"], extra=f'metrics: {{listen: "127.0.0.1:{port}"}}\n'
+        )
+        append(log, SCENARIO)
+        with Running(cfg, tmp_path) as daemon:
+            daemon.wait_ready()
+            wait_read(db, log)
+            daemon.stop()
+            assert "metrics not served, counting goes on" in daemon.log()
+    assert store_sums(db)["messages"] == 254

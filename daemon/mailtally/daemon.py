@@ -128,7 +128,14 @@ class Daemon:
         registry, self.policy_metrics = build_registry(
             config.database, self.activity, lambda: self.config
         )
-        self.exporter = Exporter(config.metrics, registry)
+        try:
+            self.exporter = Exporter(config.metrics, registry)
+        except ConfigError:
+            raise
+        except MailtallyError as exc:
+            # Counting matters more than being scraped: go on, loudly (`up` shows it).
+            log.error("metrics not served, counting goes on: %s", exc)
+            return
         self.exporter.start()
 
     def _start_policy(self, config: Config) -> None:
