@@ -313,6 +313,7 @@ def test_journal_source_kill_9_and_sigterm_lose_and_double_nothing(tmp_path: Pat
             write_journal(journal, chunk)  # appended while it starts and reads
             time.sleep(chance.uniform(0.3, 0.7))
             if i % 4 == 3:
+                daemon.wait_ready()  # SIGTERM mid-stream (before READY it may not be ours yet)
                 daemon.stop()
             else:
                 daemon.kill(whole_group=i % 3 == 2)

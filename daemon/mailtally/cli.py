@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -495,7 +496,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         path = DEFAULT_PATH
     config = load_config(path)
     tune_gc()
-    return Daemon(config, path).run()
+    daemon = Daemon(config, path)
+    # From here on a SIGTERM (systemd stopping a slow start) ends the run cleanly: the
+    # daemon checks the flag before it reads anything.
+    signal.signal(signal.SIGTERM, daemon.on_stop)
+    signal.signal(signal.SIGINT, daemon.on_stop)
+    return daemon.run()
 
 
 def cmd_frontend(args: argparse.Namespace) -> int:

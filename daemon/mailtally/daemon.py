@@ -188,8 +188,8 @@ class Daemon:
         self._wake_w = wake_w
         old_wakeup = signal.set_wakeup_fd(wake_w)
         handlers = {
-            signal.SIGTERM: signal.signal(signal.SIGTERM, self._on_stop),
-            signal.SIGINT: signal.signal(signal.SIGINT, self._on_stop),
+            signal.SIGTERM: signal.signal(signal.SIGTERM, self.on_stop),
+            signal.SIGINT: signal.signal(signal.SIGINT, self.on_stop),
             signal.SIGHUP: signal.signal(signal.SIGHUP, self._on_reload),
         }
         selector = selectors.DefaultSelector()
@@ -435,7 +435,7 @@ class Daemon:
     def _names(self) -> str:
         return "; ".join(s.name for s in self.sources)
 
-    def _on_stop(self, signum: int, frame: FrameType | None) -> None:
+    def on_stop(self, signum: int, frame: FrameType | None) -> None:
         self._stop = True
 
     def _on_reload(self, signum: int, frame: FrameType | None) -> None:
