@@ -328,10 +328,16 @@ examples:
     p.add_argument("--listen", metavar="HOST:PORT", help="instead of frontend.listen")
 
 
-def _config(args: argparse.Namespace) -> Config:
-    path = args.config
+def _config_path(args: argparse.Namespace) -> Path | None:
+    """--config, else the default file if it exists, else None (the defaults)."""
+    path: Path | None = args.config
     if path is None and DEFAULT_PATH.exists():
         path = DEFAULT_PATH
+    return path
+
+
+def _config(args: argparse.Namespace) -> Config:
+    path = _config_path(args)
     config = load_config(path)
     db = getattr(args, "db", None)
     if db is not None:
@@ -491,9 +497,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from mailtally.daemon import Daemon  # keeps the other commands' start-up light
 
-    path = args.config
-    if path is None and DEFAULT_PATH.exists():
-        path = DEFAULT_PATH
+    path = _config_path(args)
     config = load_config(path)
     tune_gc()
     daemon = Daemon(config, path)
@@ -507,9 +511,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_frontend(args: argparse.Namespace) -> int:
     from mailtally.frontend.__main__ import serve  # Flask and waitress only here
 
-    path = args.config
-    if path is None and DEFAULT_PATH.exists():
-        path = DEFAULT_PATH
+    path = _config_path(args)
     if path is None:
         raise UsageError("the frontend needs a configuration file (--config FILE)")
     serve(path, args.listen)

@@ -65,7 +65,6 @@ class Daemon:
         self._reload = False
         self._positions: dict[str, Position] = {}  # handed to the writer, maybe not yet in
         self._sent_ts: deque[tuple[int, float | None]] = deque()  # (batch number, last ts)
-        self._committed_ts: float | None = None
         self._pending = 0  # records fed since the last batch
         self._pending_since = 0.0
         self._caught_up = False
@@ -341,7 +340,6 @@ class Daemon:
         while self._sent_ts and self._sent_ts[0][0] <= done:
             _, ts = self._sent_ts.popleft()
             if ts is not None:
-                self._committed_ts = ts
                 committed_at = self.writer.committed_at
                 self.activity.last_log_ts = ts
                 self.activity.last_commit_ts = committed_at
@@ -360,8 +358,8 @@ class Daemon:
         rate.at, rate.lines = now, lines
         if self._caught_up and not self._sent_ts:
             lag = "lag 0s"
-        elif self._committed_ts is not None:
-            lag = f"lag {max(0.0, time.time() - self._committed_ts):.1f}s"
+        elif self.activity.last_log_ts is not None:
+            lag = f"lag {max(0.0, time.time() - self.activity.last_log_ts):.1f}s"
         else:
             lag = "lag unknown"
         status = f"{per_second:,.0f} lines/s, {lag}, {len(self.correlator.open):,} open messages"

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mailtally.config import parse_listen
-from mailtally.correlate import COLUMNS, NULL_SENDER, normalise
+from mailtally.correlate import NULL_SENDER, normalise
 from mailtally.errors import MailtallyError
 from mailtally.store import DayRow, open_store
 from mailtally.thresholds import Thresholds
@@ -49,7 +49,6 @@ MAX_ATTRIBUTES = 256  # Postfix 3.7 sends about 40
 MAX_INSTANCES = 200_000  # message instances remembered for de-duplication
 BLOCKING = ("DEFER", "DEFER_IF_PERMIT", "REJECT")
 SELF_TEST_SENDER = "mailtally-self-test@invalid"
-_LOGGED = f"SELECT {', '.join(COLUMNS)} FROM counters WHERE sender = ? AND day = ?"  # noqa: S608
 
 
 class Malformed(Exception):  # noqa: N818 - a condition of the input, not a bug
@@ -383,8 +382,7 @@ class PolicyServer:
         """The store's counters (from the log) for the identity's day."""
         if self.identity == "client":
             return DayRow(day)
-        row = self.store.conn.execute(_LOGGED, (identity, day)).fetchone()
-        return DayRow(day, *row) if row is not None else DayRow(day)
+        return self.store.day_row(identity, day)
 
     def _block(
         self,
@@ -474,7 +472,6 @@ class PolicyServer:
         )
         for identity, day, messages, recipients in rows:
             self._counts[(identity, day)] = [messages, recipients]
-        self._forget_before(today)
 
     def _forget_before(self, today: date) -> None:
         keep = (today - timedelta(days=1)).isoformat()

@@ -263,8 +263,9 @@ class Store:
             if judge is not None:
                 for sender, day in batch.counts:
                     if judge.wants(sender, day):
-                        row = DayRow(*conn.execute(_DAY_ROW, (sender, day)).fetchone())
-                        made += self._insert_notices(judge.notices(sender, row), now)
+                        made += self._insert_notices(
+                            judge.notices(sender, self.day_row(sender, day)), now
+                        )
             conn.executemany(
                 _INSERT_DETAIL, [(int(d[0] // DAY_SECONDS), *d) for d in batch.details]
             )
@@ -430,6 +431,11 @@ class Store:
             " sender, flags, removed_ts, pending FROM open_messages"
         ):
             yield OpenMessage.from_row(row)
+
+    def day_row(self, sender: str, day: str) -> DayRow:
+        """The sender's counters of one day (zeros if there are none)."""
+        row = self.conn.execute(_DAY_ROW, (sender, day)).fetchone()
+        return DayRow(*row) if row is not None else DayRow(day)
 
     def day_rows(self, sender: str, first: str, last: str) -> dict[str, DayRow]:
         """Return the sender's stored days between the ISO dates first..last, inclusive."""

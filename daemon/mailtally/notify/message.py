@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import email.policy
 import logging
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -21,6 +20,9 @@ from typing import Any
 import jinja2
 
 from mailtally.errors import ConfigError
+from mailtally.notify.address import MAX_DOMAIN as MAX_DOMAIN
+from mailtally.notify.address import MAX_LOCAL as MAX_LOCAL
+from mailtally.notify.address import safe_address as safe_address
 from mailtally.report import REPORT_COLUMNS
 from mailtally.store import DayRow
 
@@ -41,12 +43,6 @@ TITLES = {column: column.capitalize() for column in REPORT_COLUMNS}
 POLICY = email.policy.SMTP.clone(cte_type="7bit", max_line_length=76)
 
 # RFC 5321 4.5.3.1.1 (local part, octets) and the longest DNS name in dotted text form.
-MAX_LOCAL = 64
-MAX_DOMAIN = 253
-
-# Plain ASCII dot-atom local part (RFC 5322 atext) and LDH domain labels (RFC 1123).
-_LOCAL = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*")
-_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 
 # What a crossing's metric is called in running text; the template places it. The
 # fullwidth brackets that RUF001 flags are the right punctuation in Chinese text.
@@ -107,23 +103,6 @@ class Envelope:
     cc: list[str]  # admin copies, may be empty
     language: str  # "en" | "zh-TW"
     hostname: str  # the relay's name, for the text and as the Message-ID fallback
-
-
-def safe_address(text: str) -> str | None:
-    """Return `text` if it is safe as a header value and an SMTP envelope address, else None.
-
-    Accepted: exactly one `@`, an ASCII dot-atom local part of 1..64 characters, a domain
-    of 1..253 characters made of letter-digit-hyphen labels (IDN only as `xn--`). Nothing
-    else: no quoting, comments, brackets, lists, whitespace or control characters.
-    """
-    local, at, domain = text.partition("@")
-    if not at or not 1 <= len(local) <= MAX_LOCAL or not 1 <= len(domain) <= MAX_DOMAIN:
-        return None
-    if _LOCAL.fullmatch(local) is None:
-        return None
-    if not all(_LABEL.fullmatch(label) for label in domain.split(".")):
-        return None
-    return text
 
 
 class Templates:

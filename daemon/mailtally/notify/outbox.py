@@ -349,8 +349,7 @@ class Outbox:
                 env, date.fromisoformat(notice.day), over, self._templates, now
             ), list(n.admins)
         address = self._address(notice.sender)
-        rows = store.day_rows(notice.sender, notice.day, notice.day)
-        row = rows.get(notice.day, DayRow(notice.day))
+        row = store.day_row(notice.sender, notice.day)
         day = self._sender_day(store, notice.sender, row)
         cc = list(n.admins) if n.copy_admins else []
         env = Envelope(

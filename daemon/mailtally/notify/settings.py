@@ -8,8 +8,9 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from mailtally.notify.address import safe_address
+
 Language = Literal["en", "zh-TW"]
-_ADDRESS = re.compile(r"[^@\s<>,;:\"()\[\]\\]{1,64}@[a-z0-9.-]{1,253}\Z", re.IGNORECASE)
 _TIME = re.compile(r"([01]\d|2[0-3]):([0-5]\d)\Z")
 PositiveInt = Annotated[int, Field(gt=0, strict=True)]
 
@@ -22,7 +23,7 @@ def _duration(value: object) -> float:
 
 def _address(value: str, key: str = "") -> str:
     text = value.strip()
-    if not _ADDRESS.match(text):
+    if safe_address(text) is None:  # the check every notice's addresses pass again
         raise ValueError(f"{key}expected a mail address such as postmaster@example.edu")
     return text
 
